@@ -1,0 +1,76 @@
+"""The ``vlp`` command. Each subcommand is a thin layer over a module that does the work.
+
+Subcommands register themselves in ``COMMANDS``: a function adding its arguments and a function running it. Heavy
+imports (torch, lightning) happen inside the runners, so ``vlp --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from vlp.config import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (may use base: includes)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. trainer.devices=2")
+
+
+# -- vlp config -------------------------------------------------------------------------------------------------------
+def _run_config(args) -> int:
+    from omegaconf import OmegaConf
+
+    from vlp import config
+
+    cfg = config.load(args.config, args.overrides)
+    print(OmegaConf.to_yaml(OmegaConf.create(config.to_dict(cfg))), end="")
+    return 0
+
+
+# -- vlp data ---------------------------------------------------------------------------------------------------------
+def _recipes() -> list[str]:
+    import data_recipes
+
+    return sorted(m.name for m in pkgutil.iter_modules(data_recipes.__path__) if not m.name.startswith("_"))
+
+
+def _run_data(args) -> int:
+    if args.recipe not in _recipes():
+        print(f"unknown recipe {args.recipe!r}; available: {', '.join(_recipes())}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"data_recipes.{args.recipe}")
+    return module.main(args.recipe_args) or 0
+
+
+COMMANDS = {
+    "config": (
+        "print the resolved, validated config of an experiment",
+        _add_config_args,
+        _run_config,
+    ),
+    "data": (
+        "run a data recipe: vlp data <recipe> --help (same as python -m data_recipes.<recipe>)",
+        lambda p: (p.add_argument("recipe"), p.add_argument("recipe_args", nargs=argparse.REMAINDER)),
+        _run_data,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="Vision-language pre-training experiments.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2

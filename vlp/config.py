@@ -1,0 +1,361 @@
+"""Experiment configuration: YAML files with ``base:`` includes, CLI dotlist overrides, a dataclass schema.
+
+An experiment is one YAML file. ``base:`` (a string or a list) names files merged first, each path relative to the
+file that names it; the including file's own keys win over its bases, and CLI overrides win over everything. The
+merged tree is validated against the dataclass schema of each section: an unknown key fails naming the key, the file
+it came from and the closest valid key; a wrong type fails naming the key, the value and the expected type.
+
+Sections whose schema depends on a value (the ``model`` section's schema is chosen by ``model.name``) use a
+*registry*: ``register("model", "tcl", TCLConfig)`` from the module that defines the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import OmegaConf
+
+CLI = "the command line"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or does not fit its schema. The message names key, file and expectation."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schema registries: section name -> {variant name -> dataclass}. Filled by the modules that define the variants, and
+# imported lazily (see ``_load_registries``) so that config.py stays importable without torch.
+_REGISTRIES: dict[str, dict[str, type]] = {}
+_REGISTRY_MODULES = {"model": "vlp.models"}
+
+
+def register(section: str, name: str, schema: type):
+    """Declare that ``<section>.name == name`` selects ``schema`` for that section."""
+    _REGISTRIES.setdefault(section, {})[name] = schema
+    return schema
+
+
+def _registry(section: str) -> dict[str, type]:
+    if section in _REGISTRY_MODULES:
+        import importlib
+
+        importlib.import_module(_REGISTRY_MODULES[section])
+    return _REGISTRIES.get(section, {})
+
+
+def registry_field(section: str, default: str | None = None):
+    """A dataclass field whose schema is looked up in a registry by its ``name`` key."""
+    return field(default=None, metadata={"registry": section, "default_name": default})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The shared sections. Model sections live beside their models; data sections beside the data module.
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.Trainer`` (one-to-one) plus checkpoint cadence."""
+
+    accelerator: str = "auto"
+    devices: Any = 1  # int, "auto" or a list of device ids, as Lightning takes it
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    max_time: Optional[str] = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: int = 10
+    val_check_interval: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    num_sanity_val_steps: int = 0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every_n_steps: int = 200
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (warm-up, then ``schedule`` down to ``min_lr``)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    warmup_start_lr: float = 0.0
+    min_lr: float = 0.0
+    # Parameter-name substring -> learning-rate multiplier (BridgeTower: cross_modal 5x, heads 5x).
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    # Parameter-name substrings excluded from weight decay (besides 1-d parameters and biases when enabled).
+    no_decay_1d: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: Any = registry_field("model")
+    data: Any = registry_field("data", default="shards")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: dict[str, Any] = field(default_factory=dict)
+    ckpt: Optional[str] = None  # checkpoint to start from (``vlp evaluate CONFIG ckpt=PATH``)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+_REGISTRY_MODULES["data"] = "vlp.data"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and merging, remembering where every leaf key came from.
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        node = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except Exception as e:  # yaml syntax errors carry line numbers; keep them
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    data = OmegaConf.to_container(node, resolve=False)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, origin: str, sources: dict, prefix: str = "") -> None:
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origin, sources, dotted + ".")
+        else:
+            dst[key] = _copy(value)
+            _record(value, origin, sources, dotted)
+
+
+def _copy(value):
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _record(value, origin: str, sources: dict, dotted: str) -> None:
+    sources[dotted] = origin
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(v, origin, sources, f"{dotted}.{k}")
+
+
+def _load_tree(path: Path, sources: dict, stack: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in stack + (path,))
+        raise ConfigError(f"circular base: include: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file path or a list of file paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.exists():
+            raise ConfigError(f"{path}: base file {base!r} not found (looked for {base_path})")
+        _merge(merged, _load_tree(base_path, sources, stack + (path,)), "", {})
+    # Bases' provenance was recorded by the recursive calls; the file's own keys override it.
+    _merge(merged, data, str(path), sources)
+    return merged
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``a.b=1`` dotlist -> nested dict, values parsed as YAML (``x=[1,2]``, ``y=null``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        node = OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def load_dict(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """Merged (unvalidated) tree and its provenance map {dotted key: file or the command line}."""
+    sources: dict[str, str] = {}
+    tree = _load_tree(Path(path), sources)
+    _merge(tree, parse_overrides(list(overrides)), CLI, sources)
+    return tree, sources
+
+
+def load(path: str | Path, overrides: list[str] = (), schema: type = ExperimentConfig):
+    tree, sources = load_dict(path, overrides)
+    return build(schema, tree, sources)
+
+
+def build(schema: type, tree: dict, sources: dict | None = None, prefix: str = ""):
+    """Validate ``tree`` against ``schema`` and return the dataclass instance."""
+    return _build_dataclass(schema, tree, sources or {}, prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _where(sources: dict, dotted: str) -> str:
+    src = sources.get(dotted)
+    return f" (from {src})" if src else ""
+
+
+def _build_dataclass(schema: type, tree: Any, sources: dict, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping for {schema.__name__}, got {tree!r}"
+            f"{_where(sources, prefix.rstrip('.'))}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    hints = typing.get_type_hints(schema)
+    for key in tree:
+        if key not in fields:
+            dotted = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown key '{dotted}'{_where(sources, dotted)}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if "registry" in f.metadata:
+            sub = tree.get(name)
+            if sub is None and f.metadata.get("default_name") is None:
+                kwargs[name] = None
+                continue
+            kwargs[name] = _build_registered(f.metadata["registry"], f.metadata.get("default_name"), sub or {},
+                                             sources, dotted)
+        elif name in tree:
+            kwargs[name] = _convert(tree[name], hints[name], sources, dotted)
+    try:
+        return schema(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+    except ValueError as e:  # __post_init__ checks
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _build_registered(section: str, default_name: str | None, tree: dict, sources: dict, dotted: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{dotted}: expected a mapping, got {tree!r}{_where(sources, dotted)}")
+    variants = _registry(section)
+    name = tree.get("name", default_name)
+    if name is None:
+        raise ConfigError(f"{dotted}.name is missing; expected one of: {', '.join(sorted(variants))}")
+    if name not in variants:
+        close = difflib.get_close_matches(str(name), list(variants), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{dotted}.name: unknown {section} {name!r}{_where(sources, dotted + '.name')}{hint}; "
+            f"expected one of: {', '.join(sorted(variants))}"
+        )
+    return _build_dataclass(variants[name], {**tree, "name": name}, sources, dotted + ".")
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, sources: dict, dotted: str):
+    def fail():
+        raise ConfigError(
+            f"'{dotted}' = {value!r}{_where(sources, dotted)}: expected {_type_name(tp)}, "
+            f"got {type(value).__name__}"
+        )
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, sources, dotted)
+            except ConfigError:
+                continue
+        fail()
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, sources, dotted + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        (arg,) = typing.get_args(tp)[:1] or (Any,)
+        return [_convert(v, arg, sources, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        _, varg = typing.get_args(tp) or (Any, Any)
+        return {k: _convert(v, varg, sources, f"{dotted}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    fail()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically); ``load`` of that file rebuilds the same config."""
+    from vlp.utils.io import atomic_write_text
+
+    atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))

@@ -1,0 +1,1 @@
+"""One LightningModule per paper. Importing this package registers every model's config schema."""
