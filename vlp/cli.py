@@ -45,7 +45,41 @@ def _run_data(args) -> int:
     return module.main(args.recipe_args) or 0
 
 
+# -- vlp pretrain / evaluate -------------------------------------------------------------------------------------------
+def _run_pretrain(args) -> int:
+    from vlp import config
+    from vlp.train import pretrain
+
+    cfg = config.load(args.config, args.overrides)
+    run_dir = pretrain(cfg, evaluate_after=not args.no_eval)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from vlp import config
+    from vlp.train import evaluate
+
+    evaluate(config.load(args.config, args.overrides))
+    return 0
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation after training")
+
+
 COMMANDS = {
+    "pretrain": (
+        "pre-train a model (resumes from the run's last checkpoint when there is one)",
+        _add_pretrain_args,
+        _run_pretrain,
+    ),
+    "evaluate": (
+        "evaluate a checkpoint (ckpt=PATH, default: the run's last.ckpt) on the test split",
+        _add_config_args,
+        _run_evaluate,
+    ),
     "config": (
         "print the resolved, validated config of an experiment",
         _add_config_args,
