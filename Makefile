@@ -6,13 +6,23 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+
+# The embedded default: the synthetic shapes world in public raw formats, and its shards.
+SHAPES_RAW    := data/raw/shapes
+SHAPES_SHARDS := data/shards/shapes
+# `make pretrain-tcl CONFIG=experiments/tcl/pretrain.yaml DATA=/path/to/shards ARGS="trainer.devices=8"`
+CONFIG ?=
+DATA   ?=
+ARGS   ?=
+RAW    ?=
+OUT    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test shapes
+.PHONY: help setup test shapes pretrain-tcl ablate-tcl clean-runs
 
 help:  ## List the targets
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-28s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-26s\033[0m %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## Create .venv and install the suite (re-installs only when pyproject.toml changes)
 
@@ -27,5 +37,30 @@ $(STAMP): pyproject.toml
 test: setup  ## Run the test suite (CPU, no network)
 	$(BIN)/python -m pytest -q
 
-shapes: setup  ## Generate the synthetic shapes world into data/raw/shapes
-	$(BIN)/python -m data_recipes.shapes --out data/raw/shapes
+shapes: $(SHAPES_SHARDS)/.done  ## Generate the synthetic shapes world and build its shards (once)
+
+$(SHAPES_RAW)/.done: | setup
+	$(BIN)/python -m data_recipes.shapes --out $(SHAPES_RAW)
+	@touch $@
+
+$(SHAPES_SHARDS)/.done: $(SHAPES_RAW)/.done
+	$(BIN)/python -m data_recipes.shapes_shards --root $(SHAPES_RAW) --out $(SHAPES_SHARDS) --workers 2
+	@touch $@
+
+# Default data is the shapes world unless DATA= points at real shards.
+define pretrain_rule
+pretrain-$(1): setup $(if $(DATA),,$(SHAPES_SHARDS)/.done)
+	$(BIN)/vlp pretrain $(or $(CONFIG),experiments/$(1)/tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)}]') $(ARGS)
+endef
+$(eval $(call pretrain_rule,tcl))
+pretrain-tcl:  ## Pre-train TCL (default: TCL-tiny on the shapes world, then zero-shot retrieval)
+
+ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, no LMI) on the same budget
+	$(BIN)/vlp pretrain experiments/tcl/ablations/albef.yaml $(ARGS)
+
+data-%: setup  ## Run a recipe: make data-coco RAW=/raw/coco OUT=/shards/coco
+	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make data-$* RAW=... OUT=..."; exit 2; }
+	$(BIN)/python -m data_recipes.$* --root $(RAW) --out $(OUT) $(ARGS)
+
+clean-runs:  ## Remove runs/ (checkpoints, metrics)
+	rm -rf runs

@@ -31,7 +31,4 @@ def build(model_cfg, optim_cfg=None):
 
 
 for _name in MODELS:
-    try:
-        register("model", _name, _import(_name)[0])
-    except ImportError:  # a model whose module is not written yet is simply not registered
-        pass
+    register("model", _name, _import(_name)[0])

@@ -11,6 +11,15 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone creates 0600 files nobody else can read
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb"):
     """``with atomic_open(p, "wb") as f: ...`` writes ``p`` atomically; on error the target is untouched."""
@@ -18,6 +27,7 @@ def atomic_open(path: str | Path, mode: str = "wb"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _MODE)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -1,0 +1,43 @@
+"""Shared encoder blocks: vision tower (timm ViT), text tower (HF BERT/RoBERTa with fusion layers and MLM head),
+heads, momentum (EMA) twins and feature queues.
+
+Names are imported lazily, so ``import vlp.blocks.momentum`` (or ``heads``) does not pay for timm/transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "VisionConfig": "vision",
+    "VisionOutput": "vision",
+    "VisionTower": "vision",
+    "resample_pos_embed": "vision",
+    "load_vision_state_dict": "vision",
+    "TextConfig": "text",
+    "TextTower": "text",
+    "MLMHead": "text",
+    "MASK_VALUE": "text",
+    "additive_mask": "text",
+    "Projection": "heads",
+    "ITMHead": "heads",
+    "Pooler": "heads",
+    "mlp_head": "heads",
+    "init_bert_weights": "heads",
+    "MomentumPair": "momentum",
+    "FeatureQueue": "momentum",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,1 @@
+"""Official checkpoints -> vlp checkpoints (``vlp convert <kind> SRC DST``)."""

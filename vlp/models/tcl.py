@@ -1,0 +1,236 @@
+"""TCL: Vision-Language Pre-Training with Triple Contrastive Learning (Yang et al., CVPR 2022).
+
+TCL is ALBEF plus two intra-modal objectives. An image goes through a ViT and a caption through the first layers of
+a BERT; their [CLS] states are projected and L2-normalised into a shared space. A momentum (EMA) copy of every
+encoder and projection, fed a second augmented view of the image, supplies keys, soft targets and a queue of past
+features. The losses, as in the official code (``uta-smile/TCL`` ``models/model_pretrain.py``):
+
+* **CMA** (cross-modal alignment): image-to-text and text-to-image InfoNCE against [momentum batch ; queue], with
+  momentum-distilled soft targets ``alpha * softmax(momentum sims) + (1 - alpha) * one-hot``.
+* **IMC** (intra-modal contrast): each image against the momentum features of its other view (and the image
+  queue), each caption against its own momentum feature (and the text queue); hard targets.
+* **LMI** (local mutual information): the global feature of an image (caption) against its own momentum local
+  features — pooled patch tokens (token states) — with the locals of the other samples as negatives.
+* The six alignment terms are averaged: ``ita = (i2t + t2i + i2i + t2t + lmi_img + lmi_txt) / 6``.
+* **ITM** with hard negatives: the fusion layers score [positives ; (text, hard image) ; (hard text, image)],
+  negatives drawn from the in-batch similarities.
+* **MLM** with momentum distillation: masked tokens predicted from the fused states; the momentum model, given
+  the second view, supplies soft targets.
+* Total: ``ita + itm + mlm`` (each weight 1; ``loss_weights`` in the config).
+
+ALBEF is this module with ``imc: false, lmi: false`` (``ita = (i2t + t2i) / 2``), one view for both encoders and
+no TCL augmentations: ``experiments/tcl/ablations/albef.yaml``.
+
+Where we differ from the official code, on purpose:
+* The momentum update happens once per optimizer step (the same as the official code without gradient
+  accumulation); ``alpha`` ramps over ``alpha_warmup_steps`` optimizer steps instead of over the first epoch.
+* The temperature is a 1-element vector (FSDP2 cannot shard 0-d parameters) and therefore excluded from weight
+  decay by the 1-d rule; the official 0-d ``temp`` is decayed (by 0.02 * lr per step: negligible).
+* Hard negatives are drawn without the per-sample host sync, and pairs sharing an image id are never negatives.
+* MLM masking happens in the data collator (same 80/10/10 rule); the model masks only when a batch comes without.
+* LMI pooling: ``lmi_locals`` pooled regions for any square patch grid (the official pre-training code hard-codes
+  a 16 x 16 grid); ``lmi_locals: null`` reproduces the official rule (kernel = int(sqrt(grid))).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vlp.blocks.heads import ITMHead, Projection
+from vlp.blocks.momentum import FeatureQueue, MomentumPair
+from vlp.blocks.text import TextConfig, TextTower
+from vlp.blocks.vision import VisionConfig, VisionTower
+from vlp.config import OptimConfig
+from vlp.losses.contrastive import Temperature, info_nce
+from vlp.losses.matching import itm_loss, sample_negatives
+from vlp.losses.mlm import mask_tokens, mlm_loss
+from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
+from vlp.models.base import PretrainModule
+
+
+@dataclass
+class TCLConfig:
+    name: str = "tcl"
+    vision: VisionConfig = field(default_factory=VisionConfig.tiny)
+    text: TextConfig = field(default_factory=TextConfig.tiny)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4  # momentum-distillation weight (CMA soft targets and MLM)
+    alpha_warmup_steps: int = 0  # linear ramp of alpha from 0 (official: over the first epoch)
+    imc: bool = True  # intra-modal contrast (False with lmi False: ALBEF)
+    lmi: bool = True  # local mutual information
+    lmi_locals: Optional[int] = 16  # pooled image locals; null: the official kernel = int(sqrt(grid)) rule
+    itm_negatives: str = "local-hard"  # random | local-hard | global-hard
+    mlm_probability: float = 0.15
+    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids) — BERT's by default.
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    mask_token_id: int = 103
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"ita": 1.0, "itm": 1.0, "mlm": 1.0})
+
+    def __post_init__(self):
+        if self.itm_negatives not in ("random", "local-hard", "global-hard"):
+            raise ValueError(f"itm_negatives must be random, local-hard or global-hard, got {self.itm_negatives!r}")
+        unknown = set(self.loss_weights) - {"ita", "itm", "mlm"}
+        if unknown:
+            raise ValueError(f"loss_weights: unknown losses {sorted(unknown)}; TCL has ita, itm, mlm")
+
+
+class TCL(PretrainModule):
+    def __init__(self, cfg: TCLConfig | None = None, optim: OptimConfig | None = None):
+        cfg = cfg or TCLConfig()
+        super().__init__(optim, cfg.loss_weights)
+        self.cfg = cfg
+        self.save_hyperparameters({"model": _asdict(cfg)})
+        self.vision = VisionTower(cfg.vision)
+        text_cfg = cfg.text if cfg.text.encoder_width else _replace(cfg.text, encoder_width=self.vision.width)
+        self.text = TextTower(text_cfg)
+        self.vision_proj = Projection(self.vision.width, cfg.embed_dim)
+        self.text_proj = Projection(self.text.hidden, cfg.embed_dim)
+        self.itm_head = ITMHead(self.text.hidden)
+        self.temp = Temperature(cfg.temp)
+        self.momentum = MomentumPair(
+            {"vision": self.vision, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj},
+            momentum=cfg.momentum,
+        )
+        self.queue = FeatureQueue(cfg.embed_dim, cfg.queue_size, names=("image", "text"))
+
+    # -- the retrieval interface ---------------------------------------------------------------------------------
+    def embed_images(self, images):
+        tokens = self.vision(images).last_hidden_state
+        return self.vision_proj(tokens[:, 0]), tokens
+
+    def embed_texts(self, input_ids, attention_mask):
+        hidden = self.text.forward_text(input_ids, attention_mask)
+        return self.text_proj(hidden[:, 0]), hidden
+
+    def match_logits(self, image_states, text_states, attention_mask):
+        fused = self.text.forward_fusion(text_states, attention_mask, image_states)
+        return self.itm_head(fused[:, 0])
+
+    # -- pre-training ------------------------------------------------------------------------------------------------
+    def current_alpha(self) -> float:
+        if self.cfg.alpha_warmup_steps <= 0:
+            return self.cfg.alpha
+        step = self.global_step if self._trainer is not None else self.cfg.alpha_warmup_steps
+        return self.cfg.alpha * min(1.0, step / self.cfg.alpha_warmup_steps)
+
+    def lmi_pool(self, patch_feats: torch.Tensor) -> torch.Tensor:
+        n = self.cfg.lmi_locals
+        if n is None:  # the official rule: kernel int(sqrt(g)) on a g x g grid
+            g = math.isqrt(patch_feats.shape[1])
+            k = math.isqrt(g)
+            n = (g // k) ** 2
+        return patch_pooling(patch_feats, n)
+
+    def forward(self, batch: dict, alpha: float | None = None, update_momentum: bool = True,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """All losses of one step (and the intermediate tensors the official-parity test checks)."""
+        cfg = self.cfg
+        alpha = self.current_alpha() if alpha is None else alpha
+        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        image_aug = batch.get("image_aug", image)
+        temp = self.temp()
+        bs = image.shape[0]
+
+        # Online uni-modal features.
+        image_embeds = self.vision(image).last_hidden_state
+        image_feat = self.vision_proj(image_embeds[:, 0])
+        text_embeds = self.text.forward_text(ids, mask)
+        text_feat = self.text_proj(text_embeds[:, 0])
+
+        # Momentum features: update first, then encode the second view (official order).
+        with torch.no_grad():
+            if update_momentum:
+                self.momentum.update()
+            m = self.momentum
+            image_embeds_m = m.vision(image_aug).last_hidden_state
+            image_feat_m = m.vision_proj(image_embeds_m[:, 0])
+            text_embeds_m = m.text.forward_text(ids, mask)
+            text_feat_m = m.text_proj(text_embeds_m[:, 0])
+        image_queue, text_queue = self.queue.features("image"), self.queue.features("text")
+
+        # CMA: cross-modal InfoNCE with queue negatives and distilled targets.
+        loss_i2t, sim_i2t = info_nce(image_feat, text_feat_m, temp, queue=text_queue, teacher_query=image_feat_m,
+                                     alpha=alpha, return_logits=True)
+        loss_t2i, sim_t2i = info_nce(text_feat, image_feat_m, temp, queue=image_queue, teacher_query=text_feat_m,
+                                     alpha=alpha, return_logits=True)
+        out = {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "image_embeds": image_embeds, "text_embeds": text_embeds,
+               "image_feat": image_feat, "text_feat": text_feat}
+        terms = [loss_i2t, loss_t2i]
+        if cfg.imc:  # IMC: the same InfoNCE within a modality, hard targets
+            out["loss_i2i"] = info_nce(image_feat, image_feat_m, temp, queue=image_queue)
+            out["loss_t2t"] = info_nce(text_feat, text_feat_m, temp, queue=text_queue)
+            terms += [out["loss_i2i"], out["loss_t2t"]]
+        if cfg.lmi:  # LMI: global online feature vs momentum local features
+            with torch.no_grad():
+                image_locals = self.lmi_pool(m.vision_proj(image_embeds_m[:, 1:]))
+                text_locals = m.text_proj(text_embeds_m[:, 1:])
+            out["loss_lmi_image"] = in_batch_g2l_loss(image_locals, image_feat, temp)
+            out["loss_lmi_text"] = in_batch_g2l_loss(text_locals, text_feat, temp, mask[:, 1:])
+            terms += [out["loss_lmi_image"], out["loss_lmi_text"]]
+        out["ita"] = sum(terms) / len(terms)
+        self.queue.enqueue(image_feat_m, text_feat_m)
+
+        # ITM: positives, then (text, hard negative image), then (hard negative text, image).
+        if self.enabled("itm"):
+            fused_pos = self.text.forward_fusion(text_embeds, mask, image_embeds)
+            with torch.no_grad():
+                neg_img, neg_txt = sample_negatives(
+                    sim_i2t[:, :bs].detach(), sim_t2i[:, :bs].detach(), mode=cfg.itm_negatives,
+                    image_ids=batch.get("image_ids"), generator=generator,
+                )
+            neg_img, neg_txt = batch.get("neg_image_for_text", neg_img), batch.get("neg_text_for_image", neg_txt)
+            text_all = torch.cat([text_embeds, text_embeds[neg_txt]])
+            mask_all = torch.cat([mask, mask[neg_txt]])
+            image_all = torch.cat([image_embeds[neg_img], image_embeds])
+            fused_neg = self.text.forward_fusion(text_all, mask_all, image_all)
+            logits = self.itm_head(torch.cat([fused_pos[:, 0], fused_neg[:, 0]]))
+            labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
+            out["itm"] = itm_loss(logits, labels.to(logits.device))
+            out.update(fused_pos=fused_pos, itm_logits=logits, neg_image_for_text=neg_img, neg_text_for_image=neg_txt)
+
+        # MLM with momentum distillation (the teacher sees the second view).
+        if self.enabled("mlm"):
+            if "mlm_input_ids" in batch:
+                mlm_ids, mlm_labels = batch["mlm_input_ids"], batch["mlm_labels"]
+            else:
+                mlm_ids, mlm_labels = mask_tokens(
+                    ids, vocab_size=self.text.hf_config.vocab_size, mask_id=cfg.mask_token_id,
+                    special_ids=(cfg.pad_token_id, cfg.cls_token_id), probability=cfg.mlm_probability,
+                    generator=generator)
+            soft = None
+            if alpha > 0:
+                with torch.no_grad():
+                    soft = m.text.mlm_logits(m.text(mlm_ids, mask, image_embeds_m, mode="multimodal"))
+            logits = self.text.mlm_logits(self.text(mlm_ids, mask, image_embeds, mode="multimodal"))
+            out["mlm"] = mlm_loss(logits, mlm_labels, soft_logits=soft, alpha=alpha)
+        return out
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self(batch)
+        if self._trainer is not None:
+            parts = {k: v.detach() for k, v in out.items() if k.startswith("loss_")}
+            self.log_dict({f"train/ita_{k[5:]}": v for k, v in parts.items()}, batch_size=batch["image"].shape[0])
+            self.log("train/temp", self.temp().detach().squeeze(), batch_size=1)
+            self.log("train/alpha", self.current_alpha(), batch_size=1)
+        return {k: out[k] for k in ("ita", "itm", "mlm") if k in out}
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
