@@ -370,14 +370,26 @@ def write_splits(out: str | Path, source: str, plans: dict[str, Plan], *, shard_
         if raw is not None:
             meta["raw"] = str(Path(raw).resolve())
         skipped = {k: v for k, v in skipped.items() if v}
-        index = write_index(out / split, source=source, split=split, shards=shards, skipped=skipped,
-                            tokenizer=tokenizer, meta=meta)
-        indices[split] = index
         new = sum(1 for (s, _, _, _, _) in tasks if s == split)
+        # what later steps recorded in an existing index survives a re-run: the tokenizer (unless one is given),
+        # and the region-feature spec as long as no shard was rewritten (a rewritten shard has no regions.npz)
+        old = _old_index(out / split)
+        index = write_index(out / split, source=source, split=split, shards=shards, skipped=skipped,
+                            tokenizer=tokenizer if tokenizer is not None else old.get("tokenizer"),
+                            regions=old.get("regions") if new == 0 else None, meta=meta)
+        indices[split] = index
         skips = ", ".join(f"{k}={v}" for k, v in index["skipped"].items()) or "none"
         print(f"{source}/{split}: {index['num_samples']} samples in {len(shards)} shards "
               f"({new} written, {layout[split] - new} already done) -> {out / split}; skipped: {skips}")
     return indices
+
+
+def _old_index(split_dir: Path) -> dict:
+    try:
+        old = json.loads((split_dir / "index.json").read_text())
+        return old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def set_index_tokenizer(split_dir: str | Path, tokenizer: str | None) -> dict:

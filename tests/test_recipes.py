@@ -146,10 +146,19 @@ def test_rerun_skips_finished_shards_and_rebuilds_only_what_is_missing(raw, tmp_
     (tmp_path / "train" / "index.json").unlink()
     assert coco.build(root, tmp_path, split="train", shard_size=2, progress=False) == first and opened == []
 
-    # a lost shard (or one whose sidecar is missing: e.g. killed between the two) is rebuilt, and only it
+    # what later steps add to the index (tokenizer, region features) survives a re-run that rewrites nothing
+    C.set_index_tokenizer(tmp_path / "train", "../tok")
+    index_file = tmp_path / "train" / "index.json"
+    index_file.write_text(json.dumps(dict(json.loads(index_file.read_text()), regions={"dim": 8})))
+    again = coco.build(root, tmp_path, split="train", shard_size=2, progress=False)["train"]
+    assert again == dict(first["train"], tokenizer="../tok", regions={"dim": 8}) and opened == []
+
+    # a lost shard (or one whose sidecar is missing: e.g. killed between the two) is rebuilt, and only it;
+    # the rebuilt shards have no region features, so the index no longer claims them
     (tmp_path / "train" / "train-000001.tar").unlink()
     (tmp_path / "train" / "train-000002.tar.json").unlink()
-    assert coco.build(root, tmp_path, split="train", shard_size=2, progress=False) == first
+    again = coco.build(root, tmp_path, split="train", shard_size=2, progress=False)["train"]
+    assert again == dict(first["train"], tokenizer="../tok", regions=None)
     assert len(opened) == 3  # records 3, 4 of shard 1 and 6 of shard 2
     after = mtimes(tmp_path / "train")
     assert after["train-000000.tar"] == before["train-000000.tar"]

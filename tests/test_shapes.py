@@ -382,7 +382,7 @@ def test_the_checker_rejects_false_captions(world):
     i, r, j = s["relations"][0]
     oi, oj = s["objects"][i], s["objects"][j]
     for bad in (f"a {wrong_colour} {a['shape']}",
-                f"the {oi['colour']} {oi['shape']} is {({'left of': 'right of', 'right of': 'left of', 'above': 'below', 'below': 'above'})[r]} the {oj['colour']} {oj['shape']}",
+                f"the {oi['colour']} {oi['shape']} is {INVERSE[r]} the {oj['colour']} {oj['shape']}",
                 f"there are {['zero', 'one', 'two', 'three', 'four'][len(s['objects']) - 1]} shapes"):
         with pytest.raises(AssertionError):
             check_caption(bad, s)

@@ -34,6 +34,19 @@ def build_datamodule(cfg: ExperimentConfig):
     return ShardDataModule(cfg.data)
 
 
+def resolve(cfg: ExperimentConfig):
+    """The datamodule, and the config with its tokenizer-dependent ``null`` fields filled (vocabulary size,
+    special ids), which is what gets saved as the run's config.yaml."""
+    import dataclasses
+
+    from vlp.models import bind_tokenizer
+
+    dm = build_datamodule(cfg)
+    if cfg.model is not None:
+        cfg = dataclasses.replace(cfg, model=bind_tokenizer(cfg.model, dm.tokenizer))
+    return cfg, dm
+
+
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
     """The newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` (written on pre-emption)."""
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
@@ -91,6 +104,7 @@ def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer
 def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    cfg, dm = resolve(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = find_resume_checkpoint(run_dir)
@@ -103,7 +117,6 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
             log.warning("resuming %s with a config that differs from its saved config.yaml", run_dir)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg)
     model = build_model(cfg)
     model.total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None
 
@@ -141,6 +154,7 @@ def evaluate(cfg: ExperimentConfig) -> dict:
     ckpt = Path(cfg.ckpt) if cfg.ckpt else find_resume_checkpoint(cfg.run_dir)
     if ckpt is None or not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint to evaluate: ckpt={cfg.ckpt!r} and none in {cfg.run_dir}/checkpoints")
+    cfg, dm = resolve(cfg)
     model = build_model(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
@@ -148,6 +162,5 @@ def evaluate(cfg: ExperimentConfig) -> dict:
         raise RuntimeError(f"{ckpt}: state_dict does not fit the model: missing {missing[:5]}, unexpected "
                            f"{unexpected[:5]}")
     model.eval()
-    dm = build_datamodule(cfg)
     os.makedirs(cfg.run_dir, exist_ok=True)
     return evaluate_retrieval_run(cfg, model, dm, None, step=int(state.get("global_step", 0)))

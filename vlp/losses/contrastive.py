@@ -54,23 +54,38 @@ class Temperature(nn.Module):
     otherwise invalidate the graph of the earlier calls. Only the first call of a step can change the value.
 
     Under FSDP2 the forward sees the all-gathered (unsharded) copy, so the clamp bounds the value used but not
-    the stored shard; the effective behaviour is the same clamp applied at every use.
+    the stored shard. For the official dynamics there (stored value reset to the bound), also call
+    :meth:`clamp_` outside the forward, e.g. at the start of each training batch: it clamps the shards.
     """
 
     def __init__(self, init: float = 0.07, min: float = 0.001, max: float = 0.5, learnable: bool = True):
         super().__init__()
         if not (0.0 < min <= init <= max):
             raise ValueError(f"Temperature needs 0 < min <= init <= max, got min={min}, init={init}, max={max}")
+        self.init = float(init)
         self.min = float(min)
         self.max = float(max)
-        self.value = nn.Parameter(torch.full((1,), float(init)), requires_grad=learnable)
+        self.value = nn.Parameter(torch.full((1,), self.init), requires_grad=learnable)
+
+    def reset_parameters(self) -> None:
+        """Refill the initial value (for models built on the meta device and materialised with to_empty)."""
+        with torch.no_grad():
+            self.value.fill_(self.init)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the stored value in place. Elementwise, so it also works on a sharded (FSDP2 DTensor) value."""
+        self.value.data.clamp_(self.min, self.max)
 
     def forward(self) -> Tensor:
-        self.value.data.clamp_(self.min, self.max)
-        return self.value.squeeze(0)
+        self.clamp_()
+        # A copy, not a view: under FSDP2 the parameter's unsharded storage is freed after the module reshards,
+        # and a view kept for logging would then point at freed memory.
+        return self.value.squeeze(0).clone()
 
     def extra_repr(self) -> str:
-        return f"value={self.value.detach().flatten()[0].item():.4g}, min={self.min:g}, max={self.max:g}"
+        # No .item(): the module may live on the meta device (deferred init) or be sharded.
+        return f"init={self.init:g}, min={self.min:g}, max={self.max:g}"
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

@@ -30,5 +30,27 @@ def build(model_cfg, optim_cfg=None):
     return cls(model_cfg, optim_cfg)
 
 
+def bind_tokenizer(model_cfg, tokenizer):
+    """Fill the fields a config leaves ``null`` to mean "from the tokenizer": the text tower's vocabulary size and
+    pad id (when it is not a pretrained hub model, whose own config knows them) and the special-token ids."""
+    import dataclasses
+
+    changes = {}
+    text = getattr(model_cfg, "text", None)
+    if text is not None and text.name is None:
+        fill = {}
+        if text.vocab_size is None:
+            fill["vocab_size"] = len(tokenizer)
+        if text.pad_token_id is None:
+            fill["pad_token_id"] = tokenizer.pad_token_id
+        if fill:
+            changes["text"] = dataclasses.replace(text, **fill)
+    for field, attr in (("pad_token_id", "pad_token_id"), ("cls_token_id", "cls_token_id"),
+                        ("mask_token_id", "mask_token_id")):
+        if hasattr(model_cfg, field) and getattr(model_cfg, field) is None:
+            changes[field] = getattr(tokenizer, attr)
+    return dataclasses.replace(model_cfg, **changes) if changes else model_cfg
+
+
 for _name in MODELS:
     register("model", _name, _import(_name)[0])

@@ -69,10 +69,10 @@ class TCLConfig:
     lmi_locals: Optional[int] = 16  # pooled image locals; null: the official kernel = int(sqrt(grid)) rule
     itm_negatives: str = "local-hard"  # random | local-hard | global-hard
     mlm_probability: float = 0.15
-    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids) — BERT's by default.
-    pad_token_id: int = 0
-    cls_token_id: int = 101
-    mask_token_id: int = 103
+    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids); null: from the tokenizer.
+    pad_token_id: Optional[int] = 0
+    cls_token_id: Optional[int] = 101
+    mask_token_id: Optional[int] = 103
     loss_weights: dict[str, float] = field(default_factory=lambda: {"ita": 1.0, "itm": 1.0, "mlm": 1.0})
 
     def __post_init__(self):
@@ -215,7 +215,11 @@ class TCL(PretrainModule):
         return out
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self(batch)
+        # One EMA step per optimizer step: with gradient accumulation only the first micro-batch updates.
+        update = self._trainer is None or self.global_step != getattr(self, "_momentum_step", None)
+        if self._trainer is not None:
+            self._momentum_step = self.global_step
+        out = self(batch, update_momentum=update)
         if self._trainer is not None:
             parts = {k: v.detach() for k, v in out.items() if k.startswith("loss_")}
             self.log_dict({f"train/ita_{k[5:]}": v for k, v in parts.items()}, batch_size=batch["image"].shape[0])
