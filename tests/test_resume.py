@@ -148,9 +148,12 @@ def test_lightning_checkpoint_mid_epoch_resumes_on_the_remaining_keys(world, tmp
             super().__init__()
             self.lin = torch.nn.Linear(3, 1)
             self.keys: list = []
+            self.save_mid_step = None
 
         def training_step(self, batch, batch_idx):
             self.keys.append((self.current_epoch, tuple(batch["keys"])))
+            if len(self.keys) == 8 and self.save_mid_step:  # what Lightning's SIGUSR1 handler does, mid-step
+                self.trainer.save_checkpoint(self.save_mid_step)
             return self.lin(batch["image"].mean((2, 3))).pow(2).mean()
 
         def configure_optimizers(self):
@@ -169,15 +172,18 @@ def test_lightning_checkpoint_mid_epoch_resumes_on_the_remaining_keys(world, tmp
     total = per_epoch + 5
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
     model = Tiny()
+    model.save_mid_step = str(tmp_path / "mid_step.ckpt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(total, [ckpt]).fit(model, datamodule=ShardDataModule(cfg, tokenizer=tok))
     full = model.keys
     assert len(full) == total and [e for e, _ in full] == [0] * per_epoch + [1] * 5
-    for step in (5, per_epoch):  # mid-epoch (odd: next batch from worker 1) and the epoch's last batch
+    # mid-epoch (odd: the next batch comes from worker 1), the epoch's last batch, and a save in the middle of the
+    # 8th step, whose batch Lightning replays (its update is not in the checkpoint)
+    for step, path in ((5, tmp_path / "ckpt" / "step=5.ckpt"), (per_epoch, tmp_path / "ckpt" / f"step={per_epoch}.ckpt"),
+                       (7, tmp_path / "mid_step.ckpt")):
         resumed = Tiny()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer(total).fit(resumed, datamodule=ShardDataModule(cfg, tokenizer=tok),
-                               ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
+            trainer(total).fit(resumed, datamodule=ShardDataModule(cfg, tokenizer=tok), ckpt_path=str(path))
         assert resumed.keys == full[step:], step
