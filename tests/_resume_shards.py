@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +69,3 @@ def make_shards(out: Path, sizes: list[int], *, source: str = "shapes", split: s
                 regions={"dim": 8} if regions else None)
     return out
 
-
-def all_keys(out: Path) -> list[str]:
-    index = json.loads((Path(out) / "index.json").read_text())
-    src, n = index["source"], index["num_samples"]
-    first = int(json.loads((Path(out) / "index.json").read_text()).get("meta", {}).get("start", 0))
-    return [f"{src}-{i}" for i in range(first, first + n)]

@@ -3,9 +3,6 @@ retrieval evaluation data. Tiny 32 px JPEG shards written in a temp dir; resume 
 
 from __future__ import annotations
 
-import io
-import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -207,6 +204,24 @@ def test_two_views_differ_and_are_reproducible(world):
         assert (v1 - v2).abs().mean() > 0.05
 
 
+@pytest.mark.parametrize("norm", ["clip", "imagenet"])
+def test_batched_uint8_normalisation_equals_per_image(norm):
+    from PIL import Image
+
+    from vlp.data.transforms import ImageTransform, normalize_uint8_batch
+
+    t = ImageTransform(20, augment="tcl", normalize=norm)
+    imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (30, 26, 3), dtype=np.uint8)) for i in range(3)]
+    per_image, views = [], []
+    for i, img in enumerate(imgs):
+        torch.manual_seed(i)
+        per_image.append(t(img))
+        torch.manual_seed(i)
+        views.append(t.uint8(img))
+    assert views[0].dtype == torch.uint8 and views[0].shape == (20, 20, 3)
+    assert torch.allclose(normalize_uint8_batch(torch.stack(views), norm), torch.stack(per_image), atol=1e-5)
+
+
 def test_eval_transform_is_a_square_resize(world):
     cfg = cfg_for(world, image_size=24, augment="tcl", val=world["val"], eval_batch_size=4)
     dm = ShardDataModule(cfg)
@@ -331,10 +346,11 @@ def test_corrupt_samples_are_skipped_and_counted(world, corrupt_dir, workers):
     assert dm.state_dict()["corrupt"] == dm.corrupt_count()
 
 
-def test_corrupt_ratio_stops_the_run_naming_the_shard(world, corrupt_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_ratio_stops_the_run_naming_the_shard(world, corrupt_dir, workers):
     d, _ = corrupt_dir
     cfg = ShardsDataConfig(train=[SourceConfig(str(d))], batch_size=4, image_size=32, max_corrupt_ratio=0.05,
-                           corrupt_min_samples=10)
+                           corrupt_min_samples=10, num_workers=workers)
     dm = ShardDataModule(cfg)
     dm.setup("fit")
     with pytest.raises(CorruptDataError, match=r"most corrupt samples: \S*train-000002\.tar") as err:

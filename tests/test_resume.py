@@ -5,7 +5,6 @@ written mid-epoch resumes onto exactly the remaining samples."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

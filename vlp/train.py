@@ -48,23 +48,34 @@ def resolve(cfg: ExperimentConfig):
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` (written on pre-emption)."""
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    """The newest complete checkpoint of the run: ``checkpoints/*.ckpt`` (``last.ckpt`` is written right after the
+    periodic one, so a kill in between leaves the periodic one newest) or SLURM's ``hpc_ckpt_*.ckpt`` (written on
+    pre-emption). Checkpoints are written atomically, so whatever exists is whole."""
+    candidates = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     candidates = [p for p in candidates if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def trim_metrics(metrics_csv: Path, step: int) -> None:
-    """Drop rows logged after ``step`` so a resumed run does not repeat them in metrics.csv."""
-    if not metrics_csv.exists():
-        return
-    with metrics_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-        fields = list(rows[0].keys()) if rows else None
-    if not fields or "step" not in fields:
-        return
-    kept = [r for r in rows if r["step"] == "" or int(float(r["step"])) < step]
-    if len(kept) == len(rows):
+def restore_metrics(metrics_csv: Path, checkpoint: dict) -> None:
+    """Make metrics.csv hold exactly the rows of the steps a resumed checkpoint covers.
+
+    Rows logged after the checkpoint's step are dropped (the resumed run logs them again). Lightning hands a step's
+    metrics to the logger only after the checkpoint callbacks of that step ran, so the checkpoint carries its own
+    step's row (``vlp_metrics_row``) and it is appended here when a kill lost it.
+    """
+    step = int(checkpoint.get("global_step", 0))
+    rows, fields = [], []
+    if metrics_csv.exists():
+        with metrics_csv.open(newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+    kept = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) < step]
+    pending = checkpoint.get("vlp_metrics_row")
+    if pending and not any(r.get("step") and int(float(r["step"])) == pending["step"] for r in kept):
+        kept.append({k: v for k, v in pending.items()})
+        fields = sorted(set(fields) | set(pending))
+    if len(kept) == len(rows) or not fields:
         return
     from vlp.utils.io import atomic_open
 
@@ -74,9 +85,47 @@ def trim_metrics(metrics_csv: Path, step: int) -> None:
         writer.writerows(kept)
 
 
-def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer:
-    from lightning.pytorch.loggers import CSVLogger
+class FlushMetricsOnCheckpoint(L.Callback):
+    """Write pending metrics.csv rows whenever a checkpoint is saved, so a killed run loses no logged step that
+    its checkpoint covers (rows logged after the checkpoint are trimmed on resume instead of repeated)."""
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.logger is not None:
+            trainer.logger.save()
+        # The row of the step being checkpointed reaches the logger only after this hook; keep it with the state.
+        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "data/"))}
+        if row:
+            checkpoint["vlp_metrics_row"] = {**row, "step": trainer.global_step - 1, "epoch": trainer.current_epoch}
+
+
+def _csv_logger(run_dir: Path):
+    """Lightning's CSVLogger writing ``<run>/metrics.csv``, except that it continues an existing file (trimmed to the
+    resumed step by ``restore_metrics``) instead of deleting it, as the stock writer does when its directory is not
+    empty."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class ContinuingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="") as f:
+                    header = next(csv.reader(f), [])
+                self.metrics_keys = sorted(header)
+
+    class ContinuingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                os.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = ContinuingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return ContinuingCSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
         accelerator=t.accelerator,
@@ -96,7 +145,7 @@ def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=str(run_dir),
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
+        logger=_csv_logger(run_dir),
         callbacks=callbacks,
     )
 
@@ -124,14 +173,14 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
         dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1,
     )
-    trainer = _trainer(cfg, run_dir, [ckpt])
+    trainer = _trainer(cfg, run_dir, [ckpt, FlushMetricsOnCheckpoint()])
     if model.total_steps is None:  # epochs given: the loader's length is known from index.json
         dm.setup("fit")
         model.total_steps = max(1, len(dm.train_dataloader()) * (cfg.trainer.max_epochs or 1)
                                 // cfg.trainer.accumulate_grad_batches)
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=False)
-        trim_metrics(run_dir / "metrics.csv", int(state.get("global_step", 0)))
+        restore_metrics(run_dir / "metrics.csv", state)
         del state
         print(f"resuming from {resume}")
     trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume else None)

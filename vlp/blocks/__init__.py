@@ -1,5 +1,5 @@
-"""Shared encoder blocks: vision tower (timm ViT), text tower (HF BERT/RoBERTa with fusion layers and MLM head),
-heads, momentum (EMA) twins and feature queues.
+"""Shared encoder blocks: vision tower (timm ViT / CLIP-ViT), text tower (HF BERT/RoBERTa with fusion layers and MLM
+head), two-stream co-attention fusion with bridge layers, heads, momentum (EMA) twins and feature queues.
 
 Names are imported lazily, so ``import vlp.blocks.momentum`` (or ``heads``) does not pay for timm/transformers.
 """
@@ -19,6 +19,10 @@ _EXPORTS = {
     "MLMHead": "text",
     "MASK_VALUE": "text",
     "additive_mask": "text",
+    "CrossModalLayer": "fusion",
+    "BridgeLayer": "fusion",
+    "CoAttentionStack": "fusion",
+    "BRIDGE_KINDS": "fusion",
     "Projection": "heads",
     "ITMHead": "heads",
     "Pooler": "heads",

@@ -38,6 +38,8 @@ _CUSTOM_DEFAULTS = dict(patch_size=16, width=768, depth=12, heads=12, mlp_ratio=
 # VisionConfig field -> timm VisionTransformer argument.
 _TIMM_ARG = dict(patch_size="patch_size", width="embed_dim", depth="depth", heads="num_heads", mlp_ratio="mlp_ratio",
                  qkv_bias="qkv_bias")
+# What makes a timm ViT an OpenAI CLIP image tower (VisionConfig.clip).
+CLIP_TIMM_KWARGS = dict(pre_norm=True, act_layer="quick_gelu")
 
 
 @dataclass
@@ -81,6 +83,21 @@ class VisionConfig:
     def base(cls, **overrides) -> "VisionConfig":
         """ALBEF/TCL's ViT-B/16 (DeiT-base weights when ``checkpoint`` points at them), 256 px pre-training."""
         return cls(**{**dict(name="custom", img_size=256, **_CUSTOM_DEFAULTS), **overrides})
+
+    @classmethod
+    def clip(cls, **overrides) -> "VisionConfig":
+        """OpenAI CLIP's image tower (ViT-B/16 unless overridden), BridgeTower's vision encoder, on timm's ViT.
+
+        timm's ``vit_base_patch16_clip_quickgelu_224`` architecture: pre-norm (``norm_pre`` = CLIP's ``ln_pre``, and
+        no patch-embedding bias), QuickGELU, LayerNorm eps 1e-5, final norm ``norm`` = CLIP's ``ln_post`` (BridgeTower
+        applies it to every block's output: ``tower.final_norm``). ``timm_kwargs`` given here are merged over
+        ``{pre_norm: True, act_layer: quick_gelu}``. An OpenAI CLIP ``visual.*`` state dict converts to these names
+        with ``vlp.convert.bridgetower.clip_visual_to_timm``.
+        """
+        timm_kwargs = {**CLIP_TIMM_KWARGS, **overrides.pop("timm_kwargs", {})}
+        base = dict(name="custom", img_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_ratio=4.0,
+                    qkv_bias=True, ln_eps=1e-5)
+        return cls(**{**base, **overrides}, timm_kwargs=timm_kwargs)
 
 
 @dataclass

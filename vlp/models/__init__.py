@@ -13,6 +13,7 @@ from vlp.config import register
 # name -> (module path, config class name, module class name)
 MODELS = {
     "tcl": ("vlp.models.tcl", "TCLConfig", "TCL"),
+    "bridgetower": ("vlp.models.bridgetower", "BridgeTowerConfig", "BridgeTower"),
 }
 
 
@@ -54,3 +55,5 @@ def bind_tokenizer(model_cfg, tokenizer):
 
 for _name in MODELS:
     register("model", _name, _import(_name)[0])
+
+from vlp.models.loading import load  # noqa: E402  (vlp.models.load(PATH): a checkpoint's module, in eval mode)
