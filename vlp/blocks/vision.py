@@ -89,9 +89,9 @@ class VisionConfig:
         """OpenAI CLIP's image tower (ViT-B/16 unless overridden), BridgeTower's vision encoder, on timm's ViT.
 
         timm's ``vit_base_patch16_clip_quickgelu_224`` architecture: pre-norm (``norm_pre`` = CLIP's ``ln_pre``, and
-        no patch-embedding bias), QuickGELU, LayerNorm eps 1e-5, final norm ``norm`` = CLIP's ``ln_post`` (BridgeTower
-        applies it to every block's output: ``tower.final_norm``). ``timm_kwargs`` given here are merged over
-        ``{pre_norm: True, act_layer: quick_gelu}``. An OpenAI CLIP ``visual.*`` state dict converts to these names
+        no patch-embedding bias), QuickGELU, LayerNorm eps 1e-5, final norm ``norm`` = CLIP's ``ln_post``
+        (BridgeTower applies it to every block's output: ``tower.final_norm``). ``timm_kwargs`` given here are merged
+        over ``{pre_norm: True, act_layer: quick_gelu}``. An OpenAI CLIP ``visual.*`` state dict converts to these names
         with ``vlp.convert.bridgetower.clip_visual_to_timm``.
         """
         timm_kwargs = {**CLIP_TIMM_KWARGS, **overrides.pop("timm_kwargs", {})}

@@ -3,32 +3,34 @@ repository's Lightning checkpoints, and OpenAI CLIP image towers.
 
 Every file is read without executing code: safetensors, or ``torch.load(weights_only=True)``.
 
-Key map (``{l}`` a cross layer, ``{m}`` a bridge: official/transformers ``link_tower.{m}`` feeds cross layer m+1):
+Key map: transformers (``bridgetower.`` prefix stripped) | official (``state_dict`` of the Lightning .ckpt) -> vlp.
+``{i}`` a CLIP block, ``{l}`` a cross layer, ``{m}`` a bridge (``link_tower.{m}`` feeds cross layer m+1), ``{t}`` text
+or image::
 
-===============================================  ==================================================  ===========
-transformers (``bridgetower.`` stripped)         official (``state_dict`` of the Lightning .ckpt)    vlp
-===============================================  ==================================================  ===========
-``vision_model.visual.embeddings.class_embedding``  ``vit_model.visual.class_embedding`` [D]          ``vision.vit.cls_token`` [1,1,D]
-``...embeddings.patch_embedding.weight``         ``vit_model.visual.conv1.weight``                   ``vision.vit.patch_embed.proj.weight``
-``...embeddings.position_embedding.weight``      ``vit_model.visual.positional_embedding`` [N+1,D]   ``vision.vit.pos_embed`` [1,N+1,D]
-``vision_model.visual.ln_pre.*``                 ``vit_model.visual.ln_pre.*``                       ``vision.vit.norm_pre.*``
-``...transformer.resblocks.{i}.attn.in_proj_*``  same suffixes                                       ``vision.vit.blocks.{i}.attn.qkv.*``
-``...resblocks.{i}.attn.out_proj.*``                                                                 ``...blocks.{i}.attn.proj.*``
-``...resblocks.{i}.ln_1.* / ln_2.*``                                                                 ``...blocks.{i}.norm1.* / norm2.*``
-``...resblocks.{i}.mlp.c_fc.* / mlp.c_proj.*``                                                       ``...blocks.{i}.mlp.fc1.* / fc2.*``
-``vision_model.visual.ln_post.*``                ``vit_model.visual.ln_post.*``                      ``vision.vit.norm.*`` (every layer's LN)
-``text_model.{embeddings,encoder}.*``            ``text_transformer.{embeddings,encoder}.*``         ``text.{embeddings,encoder}.*``
-``cross_modal_{t}_layers.{l}.*``                 same                                                ``cross_modal.{t}_layers.{l}.*``
-``cross_modal_{t}_layernorm.*``                  same                                                ``cross_modal.{t}_input_norm.*``
-``cross_modal_{t}_link_tower.{m}.LayerNorm.*``   same                                                ``cross_modal.{t}_bridges.{m}.LayerNorm.*``
-``cross_modal_{t}_link_tower.{m}.scaled_factor`` (0-d) / ``.beta`` (0-d)                             ``....scale`` [1] / ``.beta`` [1]
-``cross_modal_{t}_transform.* / _pooler.*``      same                                                same
-``token_type_embeddings.weight`` [2,H]           same ([3,H] after NLVR2: the first 2 rows kept)     same
-``mlm_score.{transform.*,decoder.weight,bias}``  same                                                ``mlm_head.*``
-``itm_score.fc.*``                               same                                                ``itm_head.*``
-(``ForContrastiveLearning`` ITC: not converted)  ``itc_{text,image}_head.fc.*``, ``temperature`` 0-d  ``itc_{t}_head.*``, ``itc_temp.value`` [1]
-                                                 ``vqa_classifier.{0,1,3}.*``                        ``vqa_head.{0,1,3}.*``
-===============================================  ==================================================  ===========
+    vision_model.visual.embeddings.class_embedding [D]     | vit_model.visual.class_embedding
+        -> vision.vit.cls_token [1, 1, D]
+    vision_model.visual.embeddings.patch_embedding.weight  | vit_model.visual.conv1.weight
+        -> vision.vit.patch_embed.proj.weight
+    vision_model.visual.embeddings.position_embedding.weight [N+1, D] | vit_model.visual.positional_embedding
+        -> vision.vit.pos_embed [1, N+1, D]
+    (vision_model | vit_model).visual.ln_pre.*              -> vision.vit.norm_pre.*
+    ....visual.transformer.resblocks.{i}.attn.in_proj_*     -> vision.vit.blocks.{i}.attn.qkv.*  (q, k, v order kept)
+    ....resblocks.{i}.attn.out_proj.*                       -> vision.vit.blocks.{i}.attn.proj.*
+    ....resblocks.{i}.ln_1.* | ln_2.*                       -> vision.vit.blocks.{i}.norm1.* | norm2.*
+    ....resblocks.{i}.mlp.c_fc.* | mlp.c_proj.*             -> vision.vit.blocks.{i}.mlp.fc1.* | fc2.*
+    ....visual.ln_post.*                                    -> vision.vit.norm.*  (applied to every layer)
+    text_model.{embeddings,encoder}.*  | text_transformer.{embeddings,encoder}.*  -> text.{embeddings,encoder}.*
+    cross_modal_{t}_layers.{l}.*                            -> cross_modal.{t}_layers.{l}.*
+    cross_modal_{t}_layernorm.*                             -> cross_modal.{t}_input_norm.*
+    cross_modal_{t}_link_tower.{m}.LayerNorm.*              -> cross_modal.{t}_bridges.{m}.LayerNorm.*
+    cross_modal_{t}_link_tower.{m}.scaled_factor | .beta (0-d)  -> cross_modal.{t}_bridges.{m}.scale | .beta [1]
+    cross_modal_{t}_transform.*, cross_modal_{t}_pooler.*   -> same names
+    token_type_embeddings.weight [2, H] ([3, H] after NLVR2: the first 2 rows are kept)  -> same name
+    mlm_score.{transform.*, decoder.weight, bias}           -> mlm_head.*  (a tied save: decoder = word embeddings)
+    itm_score.fc.*                                          -> itm_head.*
+    official only: itc_{t}_head.fc.*                        -> itc_{t}_head.*
+    official only: temperature (0-d)                        -> itc_temp.value [1]
+    official only: vqa_classifier.{0,1,3}.*                 -> vqa_head.{0,1,3}.*
 
 ({t} = text | image.) Dropped: the uni-modal text pooler (``text_model.pooler`` / ``text_transformer.pooler``: unused),
 ``position_ids`` / ``token_type_ids`` buffers, CLIP's leftovers outside ``visual`` (``vit_model.positional_embedding``,
@@ -178,8 +180,8 @@ def _clip_vision_config(sd: dict[str, torch.Tensor], heads: int | None = None, l
         raise ValueError(f"CLIP position embedding has {n} patch positions: not a square grid")
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     return VisionConfig.clip(img_size=grid * patch, patch_size=patch, width=width, depth=depth,
-                             heads=heads or max(1, width // 64), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
-                             ln_eps=ln_eps)
+                             heads=heads or max(1, width // 64),
+                             mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width, ln_eps=ln_eps)
 
 
 # ----------------------------------------------------------------------------------------- the common mapping ---

@@ -95,8 +95,8 @@ class BridgeTowerConfig:
     mlm_masked_only: bool = True  # the MLM head scores masked tokens only (same loss, less compute)
     reuse_image_states: bool = True  # the ITM pass indexes the MLM pass's image states (in-batch negatives)
     grad_checkpointing: bool = False  # per-layer activation checkpointing in both towers and the cross stack
-    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids); null: from the tokenizer.
-    # RoBERTa: <s>=0 <pad>=1 </s>=2 <mask>=50264.
+    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids); null: from the tokenizer
+    # (sep: not protected when null). RoBERTa: <s>=0 <pad>=1 </s>=2 <mask>=50264.
     pad_token_id: Optional[int] = 1
     cls_token_id: Optional[int] = 0
     sep_token_id: Optional[int] = 2
@@ -290,8 +290,7 @@ class BridgeTower(PretrainModule):
         if "mlm_input_ids" in batch:
             return batch["mlm_input_ids"], batch["mlm_labels"]
         cfg = self.cfg
-        missing = [n for n in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
-                   if getattr(cfg, n) is None]
+        missing = [n for n in ("pad_token_id", "cls_token_id", "mask_token_id") if getattr(cfg, n) is None]
         if missing:
             raise ValueError(f"the batch has no mlm_input_ids and the config leaves {missing} unset")
         vocab = self.text.hf_config.vocab_size
@@ -299,7 +298,8 @@ class BridgeTower(PretrainModule):
             raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the vocabulary ({vocab}); set the "
                              f"special-token ids of your tokenizer")
         return mask_tokens(batch["input_ids"], vocab_size=vocab, mask_id=cfg.mask_token_id,
-                           special_ids=(cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id),
+                           special_ids=[i for i in (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id)
+                                        if i is not None],
                            probability=cfg.mlm_probability, generator=generator)
 
     def pretrain_outputs(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

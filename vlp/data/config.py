@@ -1,0 +1,47 @@
+"""The ``data`` section of an experiment: which shards, how to batch, transform, tokenize and mask them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vlp.config import register
+
+
+@dataclass
+class SourceConfig:
+    """One training source: a shard directory (holding ``index.json``) and its weight in the mixture."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class ShardsDataConfig:
+    name: str = "shards"
+    train: list[SourceConfig] = field(default_factory=list)
+    val: Optional[str] = None  # shard directory
+    test: Optional[str] = None  # shard directory
+    tokenizer: Optional[str] = None  # HF name or path; None: the tokenizer saved beside the first train source
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    image_size: int = 64
+    max_text_len: int = 32
+    augment: str = "none"  # none | albef | tcl (see vlp.data.transforms)
+    crop_min_scale: float = 0.2  # RandomResizedCrop scale=(crop_min_scale, 1): 0.2 pre-training, 0.5 fine-tuning
+    hflip: bool = False  # captions speak of left and right: off by default
+    two_views: bool = False  # a second independently augmented view (TCL's momentum input)
+    normalize: str = "clip"  # clip | imagenet
+    caption: str = "random"  # random | first: which caption of an image a training sample uses
+    mlm_probability: float = 0.15
+    whole_word_masking: bool = False
+    resampled: bool = False  # infinite stream with replacement (no epochs)
+    shuffle_buffer: int = 256
+    seed: int = 0
+    max_corrupt_ratio: float = 0.01  # stop the run when more than this fraction of samples is corrupt
+    corrupt_min_samples: int = 100  # ... once a worker has read at least this many samples
+    regions: bool = False  # load regions.npz (UNITER/MVPTR)
+
+
+register("data", "shards", ShardsDataConfig)
