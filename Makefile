@@ -19,7 +19,7 @@ RAW    ?=
 OUT    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test shapes pretrain-tcl ablate-tcl clean-runs
+.PHONY: help setup test shapes pretrain-tcl pretrain-bridgetower ablate-tcl bench clean-runs
 
 help:  ## List the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-26s\033[0m %s\n", $$1, $$2}'
@@ -53,7 +53,9 @@ pretrain-$(1): setup $(if $(DATA),,$(SHAPES_SHARDS)/.done)
 	$(BIN)/vlp pretrain $(or $(CONFIG),experiments/$(1)/tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)}]') $(ARGS)
 endef
 $(eval $(call pretrain_rule,tcl))
+$(eval $(call pretrain_rule,bridgetower))
 pretrain-tcl:  ## Pre-train TCL (default: TCL-tiny on the shapes world, then zero-shot retrieval)
+pretrain-bridgetower:  ## Pre-train BridgeTower (default: tiny on the shapes world, then zero-shot retrieval)
 
 ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, no LMI) on the same budget
 	$(BIN)/vlp pretrain experiments/tcl/ablations/albef.yaml $(ARGS)
@@ -61,6 +63,11 @@ ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, 
 data-%: setup  ## Run a recipe: make data-coco RAW=/raw/coco OUT=/shards/coco
 	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make data-$* RAW=... OUT=..."; exit 2; }
 	$(BIN)/python -m data_recipes.$* --root $(RAW) --out $(OUT) $(ARGS)
+
+bench: setup  ## Benchmarks (ratios measured in one run; JSON in benchmarks/results/)
+	$(BIN)/python benchmarks/tcl_step.py
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/bridgetower_vs_transformers.py
 
 clean-runs:  ## Remove runs/ (checkpoints, metrics)
 	rm -rf runs

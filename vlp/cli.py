@@ -69,6 +69,18 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation after training")
 
 
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    from vlp.convert import cli as convert_cli
+
+    convert_cli.add_args(p)
+
+
+def _run_convert(args) -> int:
+    from vlp.convert import cli as convert_cli
+
+    return convert_cli.run(args) or 0
+
+
 COMMANDS = {
     "pretrain": (
         "pre-train a model (resumes from the run's last checkpoint when there is one)",
@@ -84,6 +96,11 @@ COMMANDS = {
         "print the resolved, validated config of an experiment",
         _add_config_args,
         _run_config,
+    ),
+    "convert": (
+        "convert an official or transformers checkpoint into a vlp checkpoint (vlp convert KIND SRC DST)",
+        _add_convert_args,
+        _run_convert,
     ),
     "data": (
         "run a data recipe: vlp data <recipe> --help (same as python -m data_recipes.<recipe>)",

@@ -103,6 +103,23 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot retrieval after pre-training and in ``vlp evaluate``."""
+
+    split: str = "test"
+    k_test: int = 256  # candidates re-ranked by the matching head (ALBEF/TCL: 256 COCO, 128 Flickr)
+    rerank: bool = True
+    batch_size: int = 128
+    # Which captions query: "all" (COCO protocol: every caption of every image) or "first" (one per image; the
+    # shapes world's first caption identifies its image, so R@1 can reach 100 %).
+    captions: str = "all"
+
+    def __post_init__(self):
+        if self.captions not in ("all", "first"):
+            raise ValueError(f"eval.captions must be 'all' or 'first', got {self.captions!r}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -111,7 +128,7 @@ class ExperimentConfig:
     data: Any = registry_field("data", default="shards")
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: Optional[str] = None  # checkpoint to start from (``vlp evaluate CONFIG ckpt=PATH``)
 
     @property

@@ -189,7 +189,7 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
         from vlp.plots import plot_losses
 
         plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=cfg.name)
-    if evaluate_after and cfg.data.test:
+    if evaluate_after and getattr(cfg.data, cfg.eval.split, None):
         from vlp.eval.run import evaluate_retrieval_run
 
         evaluate_retrieval_run(cfg, model, dm, trainer)

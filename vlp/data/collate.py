@@ -88,10 +88,13 @@ class SampleProcessor:
     """
 
     def __init__(self, transform, *, seed: int = 0, caption: str = "random", hflip: bool = False,
-                 two_views: bool = False, regions: bool = False):
+                 two_views: bool = False, regions: bool = False, first_caption_prob: float = 0.0):
         if caption not in ("random", "first"):
             raise ValueError(f"data.caption={caption!r}: expected 'random' or 'first'")
+        if not 0.0 <= first_caption_prob <= 1.0:
+            raise ValueError(f"data.first_caption_prob={first_caption_prob}: expected a probability in [0, 1]")
         self.transform, self.seed, self.caption = transform, seed, caption
+        self.first_caption_prob = first_caption_prob
         self.hflip, self.two_views, self.regions = hflip, two_views, regions
         self.decoder = wds.autodecode.Decoder([decode_image], only=[*IMAGE_EXTS, "json", "regions.npz"])
 
@@ -113,7 +116,10 @@ class SampleProcessor:
         image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
         epoch, cycle = int(meta.get("epoch", 0)), int(meta.get("cycle", 0))
         base = stable_hash(self.seed, epoch, key) if cycle == 0 else stable_hash(self.seed, epoch, key, cycle)
-        idx = 0 if self.caption == "first" else stable_hash(base, "caption") % len(captions)
+        if self.caption == "first" or stable_hash(base, "first") % 10_000 < self.first_caption_prob * 10_000:
+            idx = 0
+        else:
+            idx = stable_hash(base, "caption") % len(captions)
         convert = getattr(self.transform, "uint8", self.transform)  # uint8 HWC views are normalised per batch
         with seeded_torch(stable_hash(base, "image")):
             flip = bool(self.hflip and torch.rand(()) < 0.5)

@@ -34,6 +34,7 @@ class ShardsDataConfig:
     two_views: bool = False  # a second independently augmented view (TCL's momentum input)
     normalize: str = "clip"  # clip | imagenet
     caption: str = "random"  # random | first: which caption of an image a training sample uses
+    first_caption_prob: float = 0.0  # with caption=random: draw the first caption this often, else uniformly
     mlm_probability: float = 0.15
     whole_word_masking: bool = False
     resampled: bool = False  # infinite stream with replacement (no epochs)

@@ -193,7 +193,8 @@ class ShardDataModule(L.LightningDataModule):
     def processor(self, train: bool) -> SampleProcessor:
         c = self.cfg
         return SampleProcessor(build_transform(c, train=train), seed=c.seed, caption=c.caption if train else "first",
-                               hflip=c.hflip and train, two_views=c.two_views and train, regions=c.regions)
+                               hflip=c.hflip and train, two_views=c.two_views and train, regions=c.regions,
+                               first_caption_prob=c.first_caption_prob if train else 0.0)
 
     def _source(self, path: str, weight: float = 1.0) -> Source:
         index = read_index(path)

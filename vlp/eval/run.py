@@ -1,7 +1,7 @@
 """Zero-shot retrieval of a model on a shard split: embed once, rank, re-rank with the matching head, report R@K.
 
 The model side is the interface every pre-training module exposes (DESIGN §5): ``embed_images(images) -> (emb,
-states)``, ``embed_texts(ids, mask) -> (emb, states)`` and ``match_logits(image_states, text_states, mask)``.
+states)``, ``embed_texts(ids, mask) -> (emb, states)`` and ``match_states(image_states, text_states, mask)``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def evaluate_retrieval(model, images, texts, txt2img, img2txt, tokenizer, *, max
 
         @torch.no_grad()
         def score_pairs(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-            logits = model.match_logits(img_states[img_idx], txt_states[txt_idx], txt_masks[txt_idx])
+            logits = model.match_states(img_states[img_idx], txt_states[txt_idx], txt_masks[txt_idx])
             return logits[:, 1].float()
 
         with torch.no_grad():
@@ -59,22 +59,30 @@ def evaluate_retrieval(model, images, texts, txt2img, img2txt, tokenizer, *, max
         model.train(was_training)
 
 
-def evaluate_retrieval_run(cfg, model, dm, trainer=None, step: int | None = None, split: str = "test") -> dict:
-    """Evaluate on ``cfg.data.<split>``, write ``<run>/results.json`` and print the table (rank 0)."""
+def first_captions(texts, txt2img, img2txt):
+    """Keep one query per image: its first caption."""
+    keep = [caps[0] for caps in img2txt]
+    return [texts[t] for t in keep], [txt2img[t] for t in keep], [[i] for i in range(len(img2txt))]
+
+
+def evaluate_retrieval_run(cfg, model, dm, trainer=None, step: int | None = None) -> dict:
+    """Evaluate on ``cfg.data.<eval.split>``, write ``<run>/results.json`` and print the table (rank 0)."""
     if trainer is not None and not trainer.is_global_zero:
         return {}
-    ev = cfg.eval or {}
+    ev = cfg.eval
     t0 = time.time()
-    images, texts, txt2img, img2txt = dm.retrieval_data(split)
+    images, texts, txt2img, img2txt = dm.retrieval_data(ev.split)
+    if ev.captions == "first":
+        texts, txt2img, img2txt = first_captions(texts, txt2img, img2txt)
     metrics = evaluate_retrieval(
         model, images, texts, txt2img, img2txt, dm.tokenizer, max_len=cfg.data.max_text_len,
-        k=int(ev.get("k_test", 16)), rerank=bool(ev.get("rerank", True)),
-        batch_size=int(ev.get("batch_size", 128)),
+        k=ev.k_test, rerank=ev.rerank, batch_size=ev.batch_size,
     )
     step = step if step is not None else (trainer.global_step if trainer is not None else None)
     keep = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
     results = write_results(cfg.run_dir, {"retrieval": {k: metrics[k] for k in keep},
-                                          "retrieval_split": split, "retrieval_seconds": round(time.time() - t0, 1)},
+                                          "retrieval_split": ev.split, "retrieval_captions": ev.captions,
+                                          "retrieval_seconds": round(time.time() - t0, 1)},
                             model=cfg.model.name, step=step)
     print_retrieval_table({cfg.name: results})
     return results

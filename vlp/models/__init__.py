@@ -47,7 +47,7 @@ def bind_tokenizer(model_cfg, tokenizer):
         if fill:
             changes["text"] = dataclasses.replace(text, **fill)
     for field, attr in (("pad_token_id", "pad_token_id"), ("cls_token_id", "cls_token_id"),
-                        ("mask_token_id", "mask_token_id")):
+                        ("sep_token_id", "sep_token_id"), ("mask_token_id", "mask_token_id")):
         if hasattr(model_cfg, field) and getattr(model_cfg, field) is None:
             changes[field] = getattr(tokenizer, attr)
     return dataclasses.replace(model_cfg, **changes) if changes else model_cfg

@@ -106,9 +106,17 @@ class PretrainModule(L.LightningModule):
         """-> (normalised embeddings [B, E], per-text states kept for matching)."""
         raise NotImplementedError
 
-    def match_logits(self, image_states, text_states, attention_mask) -> torch.Tensor:
-        """ITM logits [B, 2] of aligned pairs."""
+    def match_states(self, image_states, text_states, attention_mask) -> torch.Tensor:
+        """ITM logits [B, 2] of aligned pairs, from the states ``embed_images`` / ``embed_texts`` returned (retrieval
+        re-ranking caches them once per image and text)."""
         raise NotImplementedError
+
+    def match_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits [B, 2] (index 1 = matched) of images [B, 3, S, S] and token ids [B, T]."""
+        _, image_states = self.embed_images(pixel_values)
+        _, text_states = self.embed_texts(input_ids, attention_mask)
+        return self.match_states(image_states, text_states, attention_mask)
 
 
 def count_parameters(modules: Iterable[nn.Module] | nn.Module, trainable_only: bool = True) -> int:

@@ -26,6 +26,12 @@ Pre-training (``compute_losses``), as in the official code: two passes per step,
 * optional **ITC** (``loss_weights.itc > 0``, off in the paper's pre-training): InfoNCE between the uni-modal CLS
   features through ``itc_*_head``, keys gathered from every rank with gradient, ``(i2t + t2i) / 2``.
 
+Interface (DESIGN §5): ``forward(pixel_values, input_ids, attention_mask) -> BridgeTowerOutput(text_feats,
+image_feats, cls_feats)``; ``match_logits(pixel_values, input_ids, attention_mask)`` -> ITM logits [B, 2]; retrieval: ``embed_images`` /
+``embed_texts`` -> (normalised embedding, the per-layer uni-modal states the bridges read, [B, K, tokens, width])
+and ``match_states(image_states, text_states, mask)``, as for every model; VQA: ``vqa_logits``,
+``vqa_loss``. Cached retrieval states hold K layers per item (base: 6 x 325 x 768 floats per image, ~6 MB).
+
 Where we differ from the official code, on purpose:
 
 * ITM negatives come from the batch (``swap_images_for_itm``: never an image with the same image id) instead of an
@@ -92,7 +98,7 @@ class BridgeTowerConfig:
     num_answers: int = 0  # VQA classes (3129 for VQAv2); 0: no VQA head
     vqa_hidden_scale: int = 2  # VQA head: Linear(2H, 2H * scale), LayerNorm, GELU, Linear(2H * scale, answers)
     mlm_probability: float = 0.15
-    mlm_masked_only: bool = True  # the MLM head scores masked tokens only (same loss, less compute)
+    mlm_masked_only: bool = True  # the MLM head scores masked tokens only (same loss, less compute; one host sync)
     reuse_image_states: bool = True  # the ITM pass indexes the MLM pass's image states (in-batch negatives)
     grad_checkpointing: bool = False  # per-layer activation checkpointing in both towers and the cross stack
     # Special-token ids for in-model masking (when the batch brings no mlm_input_ids); null: from the tokenizer
@@ -258,18 +264,10 @@ class BridgeTower(PretrainModule):
         text_feats, image_feats = self.fuse(image_states, text_states, attention_mask)
         return self.itm_head(self.cls_feats(text_feats, image_feats))
 
-    def match_logits_from_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def match_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ITM logits [B, 2] (index 1 = matched) of images [B, 3, S, S] and token ids [B, T]."""
         return self.itm_head(self(pixel_values, input_ids, attention_mask).cls_feats)
-
-    def match_logits(self, images_or_states: torch.Tensor, ids_or_states: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ITM logits [B, 2]. Either ``(pixel_values, input_ids, attention_mask)`` (token ids are integers) or
-        ``(image_states, text_states, attention_mask)`` from :meth:`embed_images` / :meth:`embed_texts`."""
-        if not torch.is_floating_point(ids_or_states):
-            return self.match_logits_from_inputs(images_or_states, ids_or_states, attention_mask)
-        return self.match_states(images_or_states, ids_or_states, attention_mask)
 
     # -- VQA -----------------------------------------------------------------------------------------------------------
     def vqa_logits(self, image: torch.Tensor, input_ids: torch.Tensor,

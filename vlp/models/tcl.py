@@ -111,7 +111,7 @@ class TCL(PretrainModule):
         hidden = self.text.forward_text(input_ids, attention_mask)
         return self.text_proj(hidden[:, 0]), hidden
 
-    def match_logits(self, image_states, text_states, attention_mask):
+    def match_states(self, image_states, text_states, attention_mask):
         fused = self.text.forward_fusion(text_states, attention_mask, image_states)
         return self.itm_head(fused[:, 0])
 
