@@ -19,7 +19,7 @@ RAW    ?=
 OUT    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test shapes pretrain-tcl pretrain-bridgetower ablate-tcl bench clean-runs
+.PHONY: help setup test shapes pretrain-tcl pretrain-bridgetower finetune-vqa-bridgetower ablate-tcl bench clean-runs
 
 help:  ## List the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-26s\033[0m %s\n", $$1, $$2}'
@@ -56,6 +56,18 @@ $(eval $(call pretrain_rule,tcl))
 $(eval $(call pretrain_rule,bridgetower))
 pretrain-tcl:  ## Pre-train TCL (default: TCL-tiny on the shapes world, then zero-shot retrieval)
 pretrain-bridgetower:  ## Pre-train BridgeTower (default: tiny on the shapes world, then zero-shot retrieval)
+
+# VQA fine-tuning. Default: BridgeTower-tiny from runs/bridgetower-tiny on the shapes world's VQA shards; when that
+# checkpoint is missing, `make pretrain-bridgetower` runs first (a finished or interrupted pre-training is reused as it
+# is: run `make pretrain-bridgetower` yourself to complete an interrupted one). CONFIG= a fine-tuning config (its ckpt
+# is used, nothing is pre-trained here); DATA= a VQA shard root with train/ val/ test/; ARGS= overrides (ckpt=PATH).
+BT_TINY_CKPT := runs/bridgetower-tiny/checkpoints/last.ckpt
+$(BT_TINY_CKPT):
+	@echo "$(BT_TINY_CKPT) not found: pre-training BridgeTower-tiny first (make pretrain-bridgetower)"
+	$(MAKE) pretrain-bridgetower CONFIG= DATA= ARGS=
+
+finetune-vqa-bridgetower: setup $(if $(DATA),,$(SHAPES_SHARDS)/.done) $(if $(CONFIG),,$(BT_TINY_CKPT))  ## Fine-tune BridgeTower on VQA (default: tiny, shapes world, from make pretrain-bridgetower) and print the VQA score
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_bridgetower_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.val=$(DATA)/val data.test=$(DATA)/test) $(ARGS)
 
 ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, no LMI) on the same budget
 	$(BIN)/vlp pretrain experiments/tcl/ablations/albef.yaml $(ARGS)

@@ -130,3 +130,20 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lin(10) == pytest.approx(1.0) and lin(55) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown schedule 'cosin'"):
         lr_lambda(OptimConfig(schedule="cosin"), 10)(5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from vlp.train import enable_grad_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = TCL(tiny_cfg(loss_weights={"ita": 1.0, "itm": 0.0, "mlm": 1.0}))
+        if ckpt:
+            assert enable_grad_checkpointing(model) >= 2
+        data = batch()
+        data["mlm_input_ids"], data["mlm_labels"] = data["input_ids"].clone(), data["input_ids"].clone()
+        losses = model.compute_losses(data)
+        sum(losses.values()).backward()
+        grads.append(model.vision.vit.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

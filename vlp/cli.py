@@ -45,13 +45,23 @@ def _run_data(args) -> int:
     return module.main(args.recipe_args) or 0
 
 
-# -- vlp pretrain / evaluate -------------------------------------------------------------------------------------------
+# -- vlp pretrain / finetune / evaluate -------------------------------------------------------------------------------
 def _run_pretrain(args) -> int:
     from vlp import config
     from vlp.train import pretrain
 
     cfg = config.load(args.config, args.overrides)
     run_dir = pretrain(cfg, evaluate_after=not args.no_eval)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _run_finetune(args) -> int:
+    from vlp import config
+    from vlp.train import finetune
+
+    cfg = config.load(args.config, args.overrides)
+    run_dir = finetune(cfg, evaluate_after=not args.no_eval)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -67,6 +77,11 @@ def _run_evaluate(args) -> int:
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation after training")
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation on eval.split after training")
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -86,6 +101,12 @@ COMMANDS = {
         "pre-train a model (resumes from the run's last checkpoint when there is one)",
         _add_pretrain_args,
         _run_pretrain,
+    ),
+    "finetune": (
+        "fine-tune a pre-trained checkpoint on a downstream task (data.task: vqa): vlp finetune CONFIG ckpt=PATH "
+        "[key=value ...]; resumes from the run's last checkpoint when there is one",
+        _add_finetune_args,
+        _run_finetune,
     ),
     "evaluate": (
         "evaluate a checkpoint (ckpt=PATH, default: the run's last.ckpt) on the test split",

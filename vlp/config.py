@@ -120,6 +120,16 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``vlp finetune``: the downstream task named by ``data.task`` (vqa), started from the pre-trained checkpoint
+    given as the top-level ``ckpt``; the final evaluation runs on ``data.<eval.split>``."""
+
+    from_scratch: bool = False  # allow no ckpt: train from random initialisation (a baseline), with a warning
+    strict: bool = True  # ckpt must hold every weight of the model except the new task head (false: warn instead)
+    predictions: bool = True  # write <run>/<task>_<split>_predictions.json ([{question_id, answer}], eval.ai format)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -129,7 +139,9 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    ckpt: Optional[str] = None  # checkpoint to start from (``vlp evaluate CONFIG ckpt=PATH``)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # only read by ``vlp finetune``
+    # checkpoint to start from: ``vlp evaluate CONFIG ckpt=PATH``; ``vlp finetune``: the pre-trained weights
+    ckpt: Optional[str] = None
 
     @property
     def run_dir(self) -> Path:

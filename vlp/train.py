@@ -1,4 +1,5 @@
-"""The training entry point behind ``vlp pretrain``: config -> run directory -> Lightning Trainer -> evaluation.
+"""The training entry points behind ``vlp pretrain`` and ``vlp finetune``: config -> run directory -> Lightning
+Trainer -> evaluation.
 
 A run lives in ``<output_dir>/<name>/``: ``config.yaml`` (resolved; enough to reproduce the run), ``metrics.csv``,
 ``checkpoints/last.ckpt`` (plus periodic ones), ``results.json`` and ``loss.png``. Running the same command again
@@ -150,10 +151,22 @@ def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer
     )
 
 
-def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def enable_grad_checkpointing(model) -> int:
+    """Switch on activation checkpointing in every block that supports it (vision and text towers, fusion stacks);
+    returns how many blocks did."""
+    n = 0
+    for module in model.modules():
+        if module is not model and hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+            n += 1
+    if n == 0:
+        raise ValueError(f"trainer.gradient_checkpointing=true but {type(model).__name__} has no block supporting it")
+    return n
 
-    cfg, dm = resolve(cfg)
+
+def start_run(cfg: ExperimentConfig) -> Path | None:
+    """Create the run directory and save the resolved config.yaml (a resumed run whose config changed gets the new
+    one, with a warning); returns the checkpoint to resume from, if any."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = find_resume_checkpoint(run_dir)
@@ -164,36 +177,83 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
         if saved != cfg:
             config_lib.save(cfg, run_dir / "config.yaml")
             log.warning("resuming %s with a config that differs from its saved config.yaml", run_dir)
+    return resume
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg)
-    model.total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None
+
+def run_callbacks(cfg: ExperimentConfig) -> list:
+    """Periodic checkpoints + ``last.ckpt`` in ``<run>/checkpoints``, and metrics.csv flushed with each of them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
+        dirpath=str(cfg.run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1,
     )
-    trainer = _trainer(cfg, run_dir, [ckpt, FlushMetricsOnCheckpoint()])
-    if model.total_steps is None:  # epochs given: the loader's length is known from index.json
-        dm.setup("fit")
-        model.total_steps = max(1, len(dm.train_dataloader()) * (cfg.trainer.max_epochs or 1)
-                                // cfg.trainer.accumulate_grad_batches)
+    return [ckpt, FlushMetricsOnCheckpoint()]
+
+
+def total_steps(cfg: ExperimentConfig, trainer: L.Trainer, dm) -> int:
+    """Optimizer steps of the run, for the schedule: ``max_steps``, else epochs x the loader's length per rank (known
+    from index.json, for the trainer's world size) / gradient accumulation."""
+    t = cfg.trainer
+    if t.max_steps > 0:
+        return t.max_steps
+    per_rank = len(type(dm)(cfg.data, tokenizer=dm.tokenizer, rank=0, world_size=trainer.world_size)
+                   .build_train_stream())
+    return max(1, per_rank * (t.max_epochs or 1) // t.accumulate_grad_batches)
+
+
+def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm, resume: Path | None) -> None:
+    """``trainer.fit`` (from ``resume`` when given: metrics.csv trimmed to its step), then the loss plot."""
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=False)
-        restore_metrics(run_dir / "metrics.csv", state)
+        restore_metrics(cfg.run_dir / "metrics.csv", state)
         del state
         print(f"resuming from {resume}")
-    trainer.fit(model, datamodule=dm, ckpt_path=str(resume) if resume else None)
-
+    fit_module = torch.compile(module) if cfg.trainer.compile else module
+    trainer.fit(fit_module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     if trainer.is_global_zero:
         from vlp.plots import plot_losses
 
-        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=cfg.name)
+        plot_losses(cfg.run_dir / "metrics.csv", cfg.run_dir / "loss.png", title=cfg.name)
+
+
+def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
+    cfg, dm = resolve(cfg)
+    resume = start_run(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(cfg)
+    if cfg.trainer.gradient_checkpointing:
+        enable_grad_checkpointing(model)
+    trainer = _trainer(cfg, cfg.run_dir, run_callbacks(cfg))
+    model.total_steps = total_steps(cfg, trainer, dm)
+    fit(cfg, model, trainer, dm, resume)
     if evaluate_after and getattr(cfg.data, cfg.eval.split, None):
         from vlp.eval.run import evaluate_retrieval_run
 
         evaluate_retrieval_run(cfg, model, dm, trainer)
-    return run_dir
+    return cfg.run_dir
+
+
+def finetune(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
+    """``vlp finetune CONFIG [ckpt=PATH]``: train the downstream task ``data.task`` (``vlp.tasks``) from the
+    pre-trained weights in ``ckpt``, in the same run directory layout as ``pretrain`` (and resuming the same way: a
+    resumed run takes its weights from its own checkpoint, not from ``ckpt``); then evaluate on ``eval.split``."""
+    from vlp.tasks import get_task
+
+    task_lib = get_task(cfg.data.task)
+    cfg, dm = resolve(cfg)
+    cfg = task_lib.prepare(cfg, dm)
+    resume = start_run(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = task_lib.build(cfg, dm, init=resume is None)
+    if cfg.trainer.gradient_checkpointing:
+        enable_grad_checkpointing(task.model)
+    trainer = _trainer(cfg, cfg.run_dir, run_callbacks(cfg))
+    task.total_steps = total_steps(cfg, trainer, dm)
+    fit(cfg, task, trainer, dm, resume)
+    if evaluate_after:
+        task_lib.evaluate_run(cfg, task, dm, trainer)
+    return cfg.run_dir
 
 
 def evaluate(cfg: ExperimentConfig) -> dict:

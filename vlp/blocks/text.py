@@ -67,6 +67,9 @@ class TextConfig:
     ln_eps: Optional[float] = None
     pad_token_id: Optional[int] = None
     dropout: Optional[float] = None  # hidden and attention-probability dropout
+    # Std of the normal init (HF initializer_range; BERT: 0.02). Narrow towers trained from scratch want ~1/sqrt(width):
+    # at 0.02 a 128-wide tower starts with near-uniform attention and input-independent [CLS] states.
+    init_std: Optional[float] = None
     # K: the LAST K layers cross-attend to image tokens. xbert's `fusion_layer` is the START index F instead:
     # fusion_layers = num_hidden_layers - fusion_layer (ALBEF/TCL base: 12 - 6 = 6).
     fusion_layers: int = 0
@@ -126,6 +129,8 @@ def build_hf_config(cfg: TextConfig):
             setattr(hf, theirs, value)
     if cfg.dropout is not None:
         hf.hidden_dropout_prob = hf.attention_probs_dropout_prob = cfg.dropout
+    if cfg.init_std is not None:
+        hf.initializer_range = cfg.init_std
     hf.is_decoder = False
     hf.add_cross_attention = False
     hf._attn_implementation = "sdpa"

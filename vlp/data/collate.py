@@ -23,6 +23,21 @@ region_mask        bool [B, N]              True on real regions
 region_cls_prob    float32 [B, N, C]        when every sample has ``cls_prob``
 =================  =======================  =====================================================================
 
+With ``data.task: vqa`` a sample is an image with its questions (one per visit in training, all of them in
+evaluation) and the batch has one row per (image, question) instead, without MLM keys:
+
+=================  =======================  =====================================================================
+image              float32 [B, 3, S, S]     one per image (B images; regions likewise)
+input_ids          int64 [Q, L]             the question, ``[CLS] question [SEP] [PAD]...``
+attention_mask     int64 [Q, L]
+vqa_targets        float32 [Q, A]           soft scores: ``scores[k]`` at ``labels[k]``, 0 elsewhere
+question_image     int64 [Q]                the row's image in ``image`` (``arange(B)`` when Q == B, training)
+question_ids       int64 [Q]                VQA ``question_id``
+vqa_answered       bool [Q]                 the question has ground-truth answers (test-dev questions do not)
+image_ids, keys    [B]                      per image
+questions          list[str] [Q]
+=================  =======================  =====================================================================
+
 Randomness is per sample and seeded from (seed, epoch, key, cycle): the caption choice, the flip, both image views
 and the MLM mask of a sample are the same whatever process, worker or rank produces it.
 """
@@ -88,14 +103,20 @@ class SampleProcessor:
     """
 
     def __init__(self, transform, *, seed: int = 0, caption: str = "random", hflip: bool = False,
-                 two_views: bool = False, regions: bool = False, first_caption_prob: float = 0.0):
+                 two_views: bool = False, regions: bool = False, first_caption_prob: float = 0.0,
+                 task: str = "pretrain", num_answers: int = 0, all_questions: bool = False):
         if caption not in ("random", "first"):
             raise ValueError(f"data.caption={caption!r}: expected 'random' or 'first'")
         if not 0.0 <= first_caption_prob <= 1.0:
             raise ValueError(f"data.first_caption_prob={first_caption_prob}: expected a probability in [0, 1]")
+        if task not in ("pretrain", "vqa"):
+            raise ValueError(f"data.task={task!r}: expected 'pretrain' or 'vqa'")
+        if task == "vqa" and num_answers < 1:
+            raise ValueError("data.task=vqa needs the answer vocabulary's size (num_answers >= 1)")
         self.transform, self.seed, self.caption = transform, seed, caption
         self.first_caption_prob = first_caption_prob
         self.hflip, self.two_views, self.regions = hflip, two_views, regions
+        self.task, self.num_answers, self.all_questions = task, num_answers, all_questions
         self.decoder = wds.autodecode.Decoder([decode_image], only=[*IMAGE_EXTS, "json", "regions.npz"])
 
     def decode(self, raw: dict) -> dict:
@@ -110,6 +131,8 @@ class SampleProcessor:
         sample = self.decode(raw)
         key = sample["__key__"]
         info = sample["json"]
+        if self.task == "vqa":
+            return self._vqa_sample(sample, key, info, meta)
         captions = info.get("captions") if isinstance(info, dict) else None
         if not captions or not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             raise CorruptSample(f"sample {key}: json field 'captions' must be a non-empty list of strings")
@@ -134,6 +157,55 @@ class SampleProcessor:
         if self.regions:
             out.update(load_regions(sample["regions.npz"], key))
         return out
+
+    # -- VQA ---------------------------------------------------------------------------------------------------------
+    def question_index(self, key: str, n: int, visit: int) -> int:
+        """Which of an image's ``n`` questions its ``visit``-th visit uses: visits ``r*n .. r*n + n-1`` walk through
+        a permutation seeded by (seed, key, r), so every ``n`` consecutive visits use every question exactly once."""
+        rnd, pos = divmod(visit, n)
+        return int(np.random.default_rng(stable_hash(self.seed, "questions", key, rnd)).permutation(n)[pos])
+
+    def _vqa_sample(self, sample: dict, key: str, info, meta: dict) -> dict:
+        """``{key, image, image_id, flipped, questions: [{question_id, question, labels, scores, answered}][,
+        regions]}``: one question (training; chosen by :meth:`question_index` with visit ``epoch x passes + cycle``,
+        ``passes`` = the stream's passes over the source per epoch) or all of them (``all_questions``, evaluation)."""
+        questions = info.get("questions") if isinstance(info, dict) else None
+        if not questions or not isinstance(questions, list):
+            raise CorruptSample(f"sample {key}: json field 'questions' must be a non-empty list (a VQA shard?)")
+        epoch, cycle = int(meta.get("epoch", 0)), int(meta.get("cycle", 0))
+        if self.all_questions:
+            picked = questions
+        else:
+            visit = epoch * max(1, int(meta.get("passes", 1))) + cycle
+            picked = [questions[self.question_index(key, len(questions), visit)]]
+        picked = [self._question(key, q) for q in picked]
+        base = stable_hash(self.seed, epoch, key) if cycle == 0 else stable_hash(self.seed, epoch, key, cycle)
+        image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+        convert = getattr(self.transform, "uint8", self.transform)
+        with seeded_torch(stable_hash(base, "image")):
+            view = convert(image, False)
+        out = {"key": key, "image": view, "image_id": stable_image_id(info.get("image_id", key)), "flipped": False,
+               "questions": picked}
+        if self.regions:
+            out.update(load_regions(sample["regions.npz"], key))
+        return out
+
+    def _question(self, key: str, q) -> dict:
+        """A checked question: int id, text, answer labels in ``[0, num_answers)`` with their soft scores."""
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str):
+            raise CorruptSample(f"sample {key}: every entry of 'questions' needs a 'question' string")
+        labels, scores = q.get("labels") or [], q.get("scores") or []
+        if len(labels) != len(scores):
+            raise CorruptSample(f"sample {key}, question {q.get('question_id')}: {len(labels)} labels but "
+                                f"{len(scores)} scores")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < self.num_answers for x in labels):
+            raise CorruptSample(f"sample {key}, question {q.get('question_id')}: labels {labels} outside the answer "
+                                f"vocabulary [0, {self.num_answers}); shards and answers.json disagree?")
+        qid = q.get("question_id")
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise CorruptSample(f"sample {key}: question_id {qid!r} is not an integer")
+        return {"question_id": qid, "question": q["question"].strip(), "labels": list(labels),
+                "scores": [float(x) for x in scores], "answered": bool(q.get("answers") or labels)}
 
 
 def load_regions(npz: dict, key: str = "?") -> dict:
@@ -226,11 +298,13 @@ class Collator:
     """List of processed samples -> batch dict (see the module docstring): tokenization, MLM masking, stacking."""
 
     def __init__(self, tokenizer, *, max_text_len: int = 32, mlm_probability: float = 0.15,
-                 whole_word_masking: bool = False, regions: bool = False, normalize: str = "clip"):
+                 whole_word_masking: bool = False, regions: bool = False, normalize: str = "clip",
+                 num_answers: int = 0):
         if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs [MASK] and [PAD] tokens for MLM masking")
         if not 0.0 <= mlm_probability <= 1.0:
             raise ValueError(f"data.mlm_probability={mlm_probability} must be in [0, 1]")
+        self.num_answers = num_answers  # VQA batches (samples with "questions"): width of vqa_targets
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
         self.mlm_probability, self.whole_word_masking, self.regions = mlm_probability, whole_word_masking, regions
         self.normalize = normalize
@@ -263,6 +337,8 @@ class Collator:
     def __call__(self, samples: Sequence[dict]) -> dict:
         if not samples:
             raise ValueError("Collator: empty list of samples")
+        if "questions" in samples[0]:
+            return self.vqa(samples)
         captions = [s["caption"] for s in samples]
         text = self.tokenize(captions)
         mlm_ids, mlm_labels = mask_tokens(
@@ -276,6 +352,28 @@ class Collator:
                      mlm_labels=mlm_labels,
                      image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
                      keys=[s["key"] for s in samples], captions=captions)
+        if self.regions:
+            batch.update(pad_regions(samples))
+        return batch
+
+    def vqa(self, samples: Sequence[dict]) -> dict:
+        """VQA batch: one row per (image, question); images (and regions) once per image, ``question_image`` maps a
+        row to its image (training samples carry one question each, so rows and images then coincide)."""
+        if self.num_answers < 1:
+            raise ValueError("Collator: VQA samples need num_answers >= 1 (the answer vocabulary's size)")
+        rows = [(i, q) for i, s in enumerate(samples) for q in s["questions"]]
+        text = self.tokenize([q["question"] for _, q in rows])
+        targets = torch.zeros(len(rows), self.num_answers)
+        for r, (_, q) in enumerate(rows):
+            if q["labels"]:
+                targets[r, torch.tensor(q["labels"], dtype=torch.long)] = torch.tensor(q["scores"])
+        batch = {"image": self.images([s["image"] for s in samples]),
+                 "input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "vqa_targets": targets,
+                 "question_image": torch.tensor([i for i, _ in rows], dtype=torch.long),
+                 "question_ids": torch.tensor([q["question_id"] for _, q in rows], dtype=torch.long),
+                 "vqa_answered": torch.tensor([q["answered"] for _, q in rows], dtype=torch.bool),
+                 "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+                 "keys": [s["key"] for s in samples], "questions": [q["question"] for _, q in rows]}
         if self.regions:
             batch.update(pad_regions(samples))
         return batch

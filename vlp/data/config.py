@@ -7,6 +7,8 @@ from typing import Optional
 
 from vlp.config import register
 
+TASKS = ("pretrain", "vqa")
+
 
 @dataclass
 class SourceConfig:
@@ -43,6 +45,16 @@ class ShardsDataConfig:
     max_corrupt_ratio: float = 0.01  # stop the run when more than this fraction of samples is corrupt
     corrupt_min_samples: int = 100  # ... once a worker has read at least this many samples
     regions: bool = False  # load regions.npz (UNITER/MVPTR)
+    # What a sample is: "pretrain" (an image and one of its captions, MLM-masked) or "vqa" (an image and one of its
+    # questions with soft answer targets; see vlp.data.collate). Evaluation splits of a vqa config yield every question.
+    task: str = "pretrain"
+    answers: Optional[str] = None  # vqa: answer vocabulary (JSON list, index = label); None: from the index.json meta
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "vqa" and self.hflip:
+            raise ValueError("hflip=true with task=vqa: questions and answers speak of left and right; keep it off")
 
 
 register("data", "shards", ShardsDataConfig)

@@ -53,6 +53,35 @@ def resolve_tokenizer(cfg: ShardsDataConfig) -> str:
     return str(path if path.is_absolute() else Path(first) / path)
 
 
+def resolve_answers(cfg: ShardsDataConfig) -> list[str]:
+    """The VQA answer vocabulary (index = label): ``cfg.answers`` (a JSON list), else the ``answers`` list in the
+    first train (else val/test) source's index.json meta, else the file its ``answers_file`` names (relative to the
+    shard directory)."""
+    import json
+
+    if cfg.answers:
+        path = Path(cfg.answers)
+    else:
+        first = cfg.train[0].path if cfg.train else (cfg.val or cfg.test)
+        if not first:
+            raise ValueError("data.answers is not set and there is no shard directory to take it from")
+        meta = read_index(first, check_files=False).get("meta") or {}
+        if isinstance(meta.get("answers"), list):
+            return [str(a) for a in meta["answers"]]
+        if not meta.get("answers_file"):
+            raise ValueError(f"data.answers is not set and {Path(first) / 'index.json'} names no answer vocabulary "
+                             "(meta.answers / meta.answers_file); is it a VQA shard directory (data_recipes/vqa.py)?")
+        path = Path(meta["answers_file"])
+        path = path if path.is_absolute() else Path(first) / path
+    try:
+        answers = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the answer vocabulary {path}: {e}") from None
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f"{path}: expected a non-empty JSON list of answers (index = label)")
+    return [str(a) for a in answers]
+
+
 class StreamPosition:
     """Where the training stream stands: epoch, batches consumed in it, and sample counters (rank-local)."""
 
@@ -166,6 +195,7 @@ class ShardDataModule(L.LightningDataModule):
         self.position = StreamPosition()
         self._warned_fingerprint = False
         self._ready_at_record: Optional[int] = None
+        self._answers: Optional[list[str]] = None
 
     # -- pieces ------------------------------------------------------------------------------------------------------
     @property
@@ -173,6 +203,18 @@ class ShardDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(resolve_tokenizer(self.cfg))
         return self._tokenizer
+
+    @property
+    def answers(self) -> list[str]:
+        """The VQA answer vocabulary (``data.task: vqa``; see :func:`resolve_answers`)."""
+        if self._answers is None:
+            self._answers = resolve_answers(self.cfg)
+        return self._answers
+
+    @property
+    def num_answers(self) -> int:
+        """Width of ``vqa_targets``: the answer vocabulary's size with ``data.task: vqa``, else 0."""
+        return len(self.answers) if self.cfg.task == "vqa" else 0
 
     def topology(self) -> tuple[int, int]:
         """(rank, world_size) of this process."""
@@ -188,19 +230,29 @@ class ShardDataModule(L.LightningDataModule):
     def collator(self) -> Collator:
         c = self.cfg
         return Collator(self.tokenizer, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
-                        whole_word_masking=c.whole_word_masking, regions=c.regions, normalize=c.normalize)
+                        whole_word_masking=c.whole_word_masking, regions=c.regions, normalize=c.normalize,
+                        num_answers=self.num_answers)
 
     def processor(self, train: bool) -> SampleProcessor:
+        """Training: one caption (one question with ``task: vqa``) per visit of an image; evaluation: the first
+        caption (every question)."""
         c = self.cfg
         return SampleProcessor(build_transform(c, train=train), seed=c.seed, caption=c.caption if train else "first",
                                hflip=c.hflip and train, two_views=c.two_views and train, regions=c.regions,
-                               first_caption_prob=c.first_caption_prob if train else 0.0)
+                               first_caption_prob=c.first_caption_prob if train else 0.0, task=c.task,
+                               num_answers=self.num_answers, all_questions=not train)
 
     def _source(self, path: str, weight: float = 1.0) -> Source:
         index = read_index(path)
         if self.cfg.regions and not index.get("regions"):
             raise ShardFormatError(f"{Path(path) / 'index.json'}: field 'regions' is null but data.regions=true "
                                    "(run the region-feature recipe for this source, or set data.regions=false)")
+        if self.cfg.task == "vqa":
+            own = (index.get("meta") or {}).get("answers")
+            if isinstance(own, list) and [str(a) for a in own] != self.answers:
+                raise ShardFormatError(f"{Path(path) / 'index.json'}: its answer vocabulary (meta.answers, "
+                                       f"{len(own)} answers) differs from the one in use ({len(self.answers)}); its "
+                                       "labels would name other answers. Rebuild the shards with one vocabulary")
         return Source.from_dir(path, weight, index)
 
     def _check_sources(self, sources: list[Source]) -> None:
@@ -262,6 +314,15 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader(self.cfg.test) if self.cfg.test else []
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """The in-order loader of ``split`` (``val``/``test``): every sample once; with ``task: vqa`` every question
+        once (batches of ``eval_batch_size`` images with all their questions)."""
+        shard_dir = {"val": self.cfg.val, "test": self.cfg.test}.get(split)
+        if shard_dir is None:
+            raise ValueError(f"data.{split} is not set" if split in ("val", "test")
+                             else f"split must be 'val' or 'test', got {split!r}")
+        return self._eval_loader(shard_dir)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "stream_state" in batch:
@@ -396,4 +457,5 @@ class ShardDataModule(L.LightningDataModule):
         return RetrievalData(images, texts, txt2img, img2txt, keys, image_ids)
 
 
-__all__ = ["ShardDataModule", "StreamPosition", "RetrievalData", "RetrievalImages", "resolve_tokenizer"]
+__all__ = ["ShardDataModule", "StreamPosition", "RetrievalData", "RetrievalImages", "resolve_tokenizer",
+           "resolve_answers"]

@@ -346,13 +346,16 @@ class _SlotWalker:
             labels = labels[_rng(ds.seed, epoch, slot, _TAG_MIX).permutation(len(labels))]
             self.labels = labels[: self.n_items]
         self.periods = []
+        self.passes = []  # passes over the slot's range of each source per epoch (cycles 0 .. passes - 1)
         for s, src in enumerate(ds.sources):
             lo, hi = lay.ranges[s][slot]
             r = hi - lo
             if ds.resampled:
                 self.periods.append(quotas[s] + 1)
+                self.passes.append(1)
             else:
-                self.periods.append(max(r, 1) * max(1, -(-quotas[s] // max(r, 1))))
+                self.passes.append(max(1, -(-quotas[s] // max(r, 1))))
+                self.periods.append(max(r, 1) * self.passes[-1])
         self.counts = [0] * len(ds.sources)
         self.j = 0
         self._orders: OrderedDict = OrderedDict()
@@ -436,7 +439,8 @@ class _SlotWalker:
             try:
                 raw = self.reader.read(path, member, src.sizes[shard])
                 key = raw["__key__"]
-                return ds.process(raw, {"epoch": self.epoch, "cycle": cycle, "source": src.name})
+                return ds.process(raw, {"epoch": self.epoch, "cycle": cycle, "source": src.name,
+                                        "passes": self.passes[s]})
             except (ShardFormatError, CorruptDataError):
                 raise
             except Exception as exn:  # noqa: BLE001 - any failure of one sample's data is a corrupt sample
@@ -448,7 +452,8 @@ class _SlotWalker:
 class ShardStream(IterableDataset):
     """Training batches from a weighted mixture of shard directories, exactly resumable (see the module docstring).
 
-    ``process(raw_sample, meta) -> sample`` decodes/transforms one sample (``meta``: epoch, cycle, source) and
+    ``process(raw_sample, meta) -> sample`` decodes/transforms one sample (``meta``: epoch, cycle, source, passes:
+    the cycles per epoch of that source, its weight rounded up) and
     ``collate(list_of_samples) -> dict`` builds a batch; both run inside the worker. Each yielded batch carries
     ``n_seen``/``n_corrupt`` (samples read for it / corrupt among them) and ``stream_state`` (epoch, rank, logical
     worker, ``index`` = its position in this rank's loader order).

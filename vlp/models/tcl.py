@@ -60,7 +60,8 @@ class TCLConfig:
     text: TextConfig = field(default_factory=TextConfig.tiny)
     embed_dim: int = 256
     temp: float = 0.07
-    queue_size: int = 65536
+    learn_temp: bool = True  # the official temperature is learnable (clamped to [0.001, 0.5])
+    queue_size: int = 65536  # 0: no queue (in-batch negatives only)
     momentum: float = 0.995
     alpha: float = 0.4  # momentum-distillation weight (CMA soft targets and MLM)
     alpha_warmup_steps: int = 0  # linear ramp of alpha from 0 (official: over the first epoch)
@@ -95,12 +96,14 @@ class TCL(PretrainModule):
         self.vision_proj = Projection(self.vision.width, cfg.embed_dim)
         self.text_proj = Projection(self.text.hidden, cfg.embed_dim)
         self.itm_head = ITMHead(self.text.hidden)
-        self.temp = Temperature(cfg.temp)
+        self.temp = Temperature(cfg.temp, learnable=cfg.learn_temp)
         self.momentum = MomentumPair(
             {"vision": self.vision, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj},
             momentum=cfg.momentum,
         )
-        self.queue = FeatureQueue(cfg.embed_dim, cfg.queue_size, names=("image", "text"))
+        # queue_size 0: in-batch negatives only. From a random init the queue is harmful: while the features are still
+        # collapsed, telling this step's keys from the stale queue is the easiest way to lower the loss.
+        self.queue = FeatureQueue(cfg.embed_dim, cfg.queue_size, names=("image", "text")) if cfg.queue_size else None
 
     # -- the retrieval interface ---------------------------------------------------------------------------------
     def embed_images(self, images):
@@ -155,7 +158,8 @@ class TCL(PretrainModule):
             image_feat_m = m.vision_proj(image_embeds_m[:, 0])
             text_embeds_m = m.text.forward_text(ids, mask)
             text_feat_m = m.text_proj(text_embeds_m[:, 0])
-        image_queue, text_queue = self.queue.features("image"), self.queue.features("text")
+        image_queue = self.queue.features("image") if self.queue is not None else None
+        text_queue = self.queue.features("text") if self.queue is not None else None
 
         # CMA: cross-modal InfoNCE with queue negatives and distilled targets.
         loss_i2t, sim_i2t = info_nce(image_feat, text_feat_m, temp, queue=text_queue, teacher_query=image_feat_m,
@@ -177,7 +181,8 @@ class TCL(PretrainModule):
             out["loss_lmi_text"] = in_batch_g2l_loss(text_locals, text_feat, temp, mask[:, 1:])
             terms += [out["loss_lmi_image"], out["loss_lmi_text"]]
         out["ita"] = sum(terms) / len(terms)
-        self.queue.enqueue(image_feat_m, text_feat_m)
+        if self.queue is not None:
+            self.queue.enqueue(image_feat_m, text_feat_m)
 
         # ITM: positives, then (text, hard negative image), then (hard negative text, image).
         if self.enabled("itm"):

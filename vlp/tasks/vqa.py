@@ -1,0 +1,327 @@
+"""VQA fine-tuning: ``VQATask`` wraps any pre-trained model with ``vqa_logits(image, input_ids, attention_mask)`` and
+``vqa_loss(logits, target_scores)`` (BridgeTower: a 2-layer head on ``cls_feats``, BCE x number of answers, as the
+official ``compute_vqa``) and trains it on ``data.task: vqa`` batches (see ``vlp.data.collate``).
+
+* Data: a VQA shard sample is an image with all its questions. Training visits an image once per pass of the stream
+  and uses ONE of its questions, chosen deterministically from (seed, key, visit) so that every n consecutive visits
+  of an image with n questions use each question once (``SampleProcessor.question_index``); this keeps the stream's
+  exact resume. A source's ``weight`` is its passes per epoch: weight = questions per image (~5.4 for VQA v2) makes
+  an epoch see as many (image, question) examples as the split has questions, as the paper's epochs do.
+  Evaluation reads every question of the split once, in order.
+* Initialisation: ``load_pretrained`` reads a vlp checkpoint (``vlp pretrain``'s ``last.ckpt`` or ``vlp convert``'s
+  output, with ``weights_only=True``) and reports which weights were loaded, which are new (the VQA head) and which
+  were dropped (pre-training heads VQA does not use); anything else missing is an error (``finetune.strict``).
+* Parameters that the VQA forward never reaches (pre-training heads) are frozen at build time (``freeze_unused``), so
+  DDP needs no ``find_unused_parameters`` and the optimizer leaves them alone.
+* Optimisation: AdamW groups of ``vlp.models.base.param_groups`` with ``optim.lr_mult`` (paper: ``vqa_head`` x50,
+  ``cross_modal`` x5), the warm-up + linear schedule of ``vlp.models.base.lr_lambda``.
+* Metrics: ``train/loss``, ``train/vqa_score`` (batch), ``val/vqa_score`` (when validation runs) and, after
+  training, the VQA score on ``data.<eval.split>`` (``vlp.eval.vqa.VQAScore``: the soft score of the argmax answer,
+  percent) in ``<run>/results.json`` as ``{"vqa": {"score", "split", "step", ...}}``, plus the predictions as
+  ``<run>/vqa_<split>_predictions.json`` ([{question_id, answer}], the eval.ai format) for test-dev submissions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import lightning as L
+import torch
+
+from vlp.config import ConfigError, OptimConfig
+from vlp.eval.vqa import VQAScore
+from vlp.models.base import lr_lambda, param_groups
+
+log = logging.getLogger("vlp")
+
+__all__ = ["VQATask", "LoadReport", "load_pretrained", "prepare", "build", "evaluate_run"]
+
+HEAD_PREFIX = "vqa_head."  # the model's VQA head: new when fine-tuning starts from a pre-training checkpoint
+
+
+# -- loading pre-trained weights ----------------------------------------------------------------------------------------
+def _groups(keys: list[str], depth: int = 2) -> str:
+    """``a.b.c.w, a.b.d.w, x.y`` -> ``a.b.* (2), x.y``: a compact listing of state-dict keys."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        g = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        counts[g] = counts.get(g, 0) + 1
+    return ", ".join(g if n == 1 else f"{g} ({n})" for g, n in counts.items())
+
+
+class LoadReport(NamedTuple):
+    path: str
+    loaded: list[str]  # module keys whose values came from the checkpoint
+    new: list[str]  # module keys left at their initialisation: the task head
+    missing: list[str]  # other module keys the checkpoint lacks (an error when strict)
+    unexpected: list[str]  # checkpoint keys the module has no place for (pre-training heads): dropped
+    step: int | None
+
+    def summary(self) -> str:
+        lines = [f"initialised from {self.path}" + (f" (step {self.step})" if self.step is not None else "")
+                 + f": {len(self.loaded)} tensors loaded"]
+        lines.append(f"  newly initialised: {_groups(self.new) if self.new else 'nothing'}")
+        if self.missing:
+            lines.append(f"  MISSING from the checkpoint (left at random init): {_groups(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  not used by this task (dropped): {_groups(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def _config_diff(saved, built, prefix: str = "") -> list[str]:
+    """Leaves of two config dicts that differ (``a.b: saved -> built``)."""
+    out = []
+    for key in sorted(set(saved) | set(built)):
+        a, b = saved.get(key), built.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} (checkpoint) vs {b!r} (config)")
+    return out
+
+
+def load_pretrained(model: torch.nn.Module, path: str | Path, *, strict: bool = True,
+                    new_prefixes: tuple[str, ...] = (HEAD_PREFIX,)) -> LoadReport:
+    """Load a vlp checkpoint's ``state_dict`` into ``model`` (not strict: the task head is new).
+
+    Keys under ``new_prefixes`` may be missing (they are the task's new weights); any other missing key raises
+    ``KeyError`` when ``strict`` (else a warning). Checkpoint keys the model lacks are dropped and reported. A
+    fine-tuning checkpoint (keys under ``model.``) is accepted too. Shapes must agree (``pos_embed`` excepted: the
+    vision tower resamples it to the new image size); a mismatch raises naming the config fields that differ."""
+    from vlp.models.loading import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    state = dict(ckpt["state_dict"])
+    own = model.state_dict()
+    if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.") for k in own):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        hint = ""
+        saved = (ckpt.get("hyper_parameters") or {}).get("model")
+        if isinstance(saved, dict) and hasattr(model, "resolved_config"):
+            diff = [d for d in _config_diff(saved, dataclasses.asdict(model.resolved_config()))
+                    if not d.startswith(("num_answers", "loss_weights"))]
+            if diff:
+                hint = "\nconfig fields that differ: " + "; ".join(diff[:12])
+        raise RuntimeError(f"{path}: the checkpoint does not fit the model built from the config: "
+                           f"{str(e).strip()[:2000]}{hint}") from None
+    new = [k for k in missing if k.startswith(new_prefixes)]
+    other = [k for k in missing if not k.startswith(new_prefixes)]
+    report = LoadReport(str(path), [k for k in own if k not in set(missing)], new, other, list(unexpected),
+                        ckpt.get("global_step"))
+    if other:
+        msg = (f"{path} lacks {len(other)} weights of the model besides the task head: {_groups(other)}; they stay "
+               "randomly initialised")
+        if strict:
+            raise KeyError(msg + " (finetune.strict=false to accept this)")
+        warnings.warn(msg, stacklevel=2)
+    return report
+
+
+# -- the task -----------------------------------------------------------------------------------------------------------
+class VQATask(L.LightningModule):
+    """VQA fine-tuning of ``model`` (see the module docstring). ``answers``: the vocabulary (index = label), for the
+    predictions file; ``eval_chunk``: most (image, question) rows per forward in evaluation."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig | None = None, *, answers: list[str] | None = None,
+                 eval_chunk: int = 128):
+        super().__init__()
+        for method in ("vqa_logits", "vqa_loss"):
+            if not callable(getattr(model, method, None)):
+                raise TypeError(f"{type(model).__name__} has no {method}(): it cannot be fine-tuned for VQA")
+        self.model = model
+        self.optim_cfg = optim or OptimConfig()
+        self.answers = list(answers) if answers is not None else None
+        self.eval_chunk = eval_chunk
+        self.total_steps: int | None = None  # set by the entry point from max_steps or the loader length
+        self.eval_split = "test"  # the name the evaluation after training logs under
+        self.val_score = VQAScore()
+        self.test_score = VQAScore()
+        self.predictions: dict[int, int] = {}  # question_id -> answer index, from the last test run (this rank)
+        self.last_eval: dict = {}
+        hp = dict(getattr(model, "hparams", {}) or {})
+        self.save_hyperparameters({"task": "vqa", "model": hp.get("model"), "answers": self.answers})
+
+    # -- model side ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def question_images(batch: dict) -> torch.Tensor:
+        """The image of every (image, question) row: ``image`` itself when each image has one question."""
+        image, index = batch["image"], batch["question_image"]
+        return image if index.shape[0] == image.shape[0] else image.index_select(0, index)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.vqa_logits(image, input_ids, attention_mask)
+
+    def answer_logits(self, batch: dict) -> torch.Tensor:
+        """Logits [Q, A] of every row of an evaluation batch, at most ``eval_chunk`` rows per forward."""
+        image, index = batch["image"], batch["question_image"]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = []
+        for s in range(0, index.shape[0], self.eval_chunk):
+            sel = index[s: s + self.eval_chunk]
+            out.append(self(image.index_select(0, sel), ids[s: s + self.eval_chunk], mask[s: s + self.eval_chunk]))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def freeze_unused(self, image_size: int, text_len: int = 4) -> list[str]:
+        """Freeze (``requires_grad=False``) the parameters one VQA forward/backward does not reach, and return their
+        names. Probes with one blank image and a short question (plus one padded position)."""
+        was_training = self.model.training
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad for n, p in trainable.items()}
+        for p in trainable.values():
+            p.grad = None
+        device = next(self.model.parameters()).device
+        image = torch.zeros(1, 3, image_size, image_size, device=device)
+        ids = torch.zeros(1, text_len, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        mask[0, -1] = 0
+        self.model.train()
+        try:
+            with torch.enable_grad():
+                self.model.vqa_logits(image, ids, mask).float().sum().backward()
+            unused = [n for n, p in trainable.items() if p.grad is None]
+        finally:
+            for n, p in trainable.items():
+                p.grad = grads[n]
+            self.model.train(was_training)
+        for n in unused:
+            trainable[n].requires_grad_(False)
+        return unused
+
+    # -- Lightning ------------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(self.question_images(batch), batch["input_ids"], batch["attention_mask"])
+        targets = batch["vqa_targets"]
+        loss = self.model.vqa_loss(logits, targets)
+        bs = logits.shape[0]
+        if self._trainer is None:  # called outside a Trainer (tests, notebooks): nothing to log to
+            return loss
+        with torch.no_grad():
+            score = 100.0 * targets.gather(1, logits.argmax(1, keepdim=True)).float().mean()
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/vqa_score", score, prog_bar=True, batch_size=bs)
+        if "n_corrupt" in batch:
+            self.log("data/corrupt", float(batch["n_corrupt"]), reduce_fx="max", batch_size=bs)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+    def _eval_step(self, batch: dict, metric: VQAScore) -> torch.Tensor:
+        logits = self.answer_logits(batch)
+        answered = batch["vqa_answered"]
+        if bool(answered.any()):
+            metric.update(logits[answered], batch["vqa_targets"][answered])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_score)
+        self.log("val/vqa_score", self.val_score, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=batch["input_ids"].shape[0])
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = {}
+        self.test_score.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self._eval_step(batch, self.test_score)
+        self.predictions.update(zip(batch["question_ids"].tolist(), logits.argmax(1).tolist()))
+
+    def on_test_epoch_end(self) -> None:
+        answered = int(self.test_score.count)  # this rank's (every rank reads the whole split)
+        score = self.test_score.compute() if answered else torch.tensor(float("nan"))
+        self.last_eval = {"score": float(score) if answered else None, "questions": len(self.predictions),
+                          "answered": answered}
+        if answered:
+            self.log(f"{self.eval_split}/vqa_score", score.to(self.device), batch_size=1)
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        opt = torch.optim.AdamW(param_groups(self, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        total = self.total_steps or max(1, self.trainer.max_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# -- what `vlp finetune` calls (vlp.tasks protocol) ---------------------------------------------------------------------
+def prepare(cfg, dm):
+    """``model.num_answers`` from the data's answer vocabulary (0 in the config: take it; otherwise they must agree)."""
+    if cfg.model is None:
+        raise ConfigError("the experiment has no 'model' section")
+    if not hasattr(cfg.model, "num_answers"):
+        raise ConfigError(f"model {cfg.model.name!r} has no VQA head (no num_answers field)")
+    n = dm.num_answers
+    if cfg.model.num_answers not in (0, n):
+        raise ConfigError(f"model.num_answers={cfg.model.num_answers} but the answer vocabulary has {n} answers; "
+                          "set model.num_answers=0 to take it from the data")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_answers=n))
+
+
+def build(cfg, dm, init: bool = True) -> VQATask:
+    """The task on ``cfg.model``; with ``init``, weights from ``cfg.ckpt`` (required unless
+    ``finetune.from_scratch``). Parameters the VQA forward does not use are frozen."""
+    from vlp.models import build as build_model
+
+    model = build_model(cfg.model, cfg.optim)
+    task = VQATask(model, cfg.optim, answers=dm.answers, eval_chunk=cfg.data.eval_batch_size)
+    ft = cfg.finetune
+    if init:
+        if cfg.ckpt and not Path(cfg.ckpt).is_file():
+            raise ConfigError(f"ckpt={cfg.ckpt}: no such checkpoint (pre-train first, e.g. `make pretrain-bridgetower`, "
+                              "or point ckpt at a `vlp pretrain` last.ckpt / `vlp convert` output)")
+        if cfg.ckpt:
+            print(load_pretrained(model, cfg.ckpt, strict=ft.strict).summary())
+        elif ft.from_scratch:
+            warnings.warn("vlp finetune: no ckpt given and finetune.from_scratch=true: fine-tuning from RANDOM "
+                          "initialisation (a baseline, not a pre-trained model)", stacklevel=2)
+        else:
+            raise ConfigError("vlp finetune needs the pre-trained weights: ckpt=PATH (a `vlp pretrain` last.ckpt or "
+                              "a `vlp convert` output); finetune.from_scratch=true trains from random init instead")
+    frozen = task.freeze_unused(cfg.data.image_size)
+    if frozen:
+        print(f"frozen (not used by VQA): {_groups(frozen)}")
+    return task
+
+
+def evaluate_run(cfg, task: VQATask, dm, trainer) -> dict:
+    """VQA score on ``data.<eval.split>`` with the trainer (its devices and precision), merged into
+    ``<run>/results.json`` as ``{"vqa": {score, split, step, questions, ...}}``; predictions written (rank 0)."""
+    from vlp.eval.results import write_results
+    from vlp.utils.io import atomic_write_text
+
+    split = cfg.eval.split
+    if not getattr(cfg.data, split, None):
+        warnings.warn(f"no evaluation: data.{split} is not set (eval.split={split})", stacklevel=2)
+        return {}
+    t0 = time.time()
+    task.eval_split = split
+    trainer.test(task, dataloaders=dm.eval_dataloader(split), verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+    res = task.last_eval
+    step = trainer.global_step
+    section = {"score": res["score"], "split": split, "step": step, "questions": res["questions"],
+               "answered": res["answered"], "init": cfg.ckpt or "scratch", "seconds": round(time.time() - t0, 1)}
+    if cfg.finetune.predictions and task.answers is not None:
+        path = cfg.run_dir / f"vqa_{split}_predictions.json"
+        preds = [{"question_id": q, "answer": task.answers[a]} for q, a in sorted(task.predictions.items())]
+        atomic_write_text(path, json.dumps(preds) + "\n")
+        section["predictions"] = path.name
+    results = write_results(cfg.run_dir, {"vqa": section}, model=cfg.model.name, step=step)
+    if res["score"] is None:
+        print(f"VQA on {split}: {res['questions']} questions, none with answers: submit "
+              f"{section.get('predictions', 'the predictions')} to the evaluation server")
+    else:
+        print(f"VQA score on {split} ({res['answered']} questions, step {step}): {res['score']:.2f}")
+    return results
