@@ -45,7 +45,7 @@ __all__ = ["VQATask", "LoadReport", "load_pretrained", "prepare", "build", "eval
 HEAD_PREFIX = "vqa_head."  # the model's VQA head: new when fine-tuning starts from a pre-training checkpoint
 
 
-# -- loading pre-trained weights ----------------------------------------------------------------------------------------
+# -- loading pre-trained weights --------------------------------------------------------------------------------------
 def _groups(keys: list[str], depth: int = 2) -> str:
     """``a.b.c.w, a.b.d.w, x.y`` -> ``a.b.* (2), x.y``: a compact listing of state-dict keys."""
     counts: dict[str, int] = {}
@@ -127,7 +127,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, *, strict: bool = 
     return report
 
 
-# -- the task -----------------------------------------------------------------------------------------------------------
+# -- the task ---------------------------------------------------------------------------------------------------------
 class VQATask(L.LightningModule):
     """VQA fine-tuning of ``model`` (see the module docstring). ``answers``: the vocabulary (index = label), for the
     predictions file; ``eval_chunk``: most (image, question) rows per forward in evaluation."""
@@ -198,7 +198,7 @@ class VQATask(L.LightningModule):
             trainable[n].requires_grad_(False)
         return unused
 
-    # -- Lightning ------------------------------------------------------------------------------------------------------
+    # -- Lightning ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(self.question_images(batch), batch["input_ids"], batch["attention_mask"])
         targets = batch["vqa_targets"]
@@ -254,9 +254,9 @@ class VQATask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-# -- what `vlp finetune` calls (vlp.tasks protocol) ---------------------------------------------------------------------
+# -- what `vlp finetune` calls (vlp.tasks protocol) -------------------------------------------------------------------
 def prepare(cfg, dm):
-    """``model.num_answers`` from the data's answer vocabulary (0 in the config: take it; otherwise they must agree)."""
+    """``model.num_answers`` from the data's answer vocabulary (0 in the config: take it; else they must agree)."""
     if cfg.model is None:
         raise ConfigError("the experiment has no 'model' section")
     if not hasattr(cfg.model, "num_answers"):
@@ -278,8 +278,9 @@ def build(cfg, dm, init: bool = True) -> VQATask:
     ft = cfg.finetune
     if init:
         if cfg.ckpt and not Path(cfg.ckpt).is_file():
-            raise ConfigError(f"ckpt={cfg.ckpt}: no such checkpoint (pre-train first, e.g. `make pretrain-bridgetower`, "
-                              "or point ckpt at a `vlp pretrain` last.ckpt / `vlp convert` output)")
+            raise ConfigError(f"ckpt={cfg.ckpt}: no such checkpoint (pre-train first, e.g. `make "
+                              "pretrain-bridgetower`, or point ckpt at a `vlp pretrain` last.ckpt / `vlp convert` "
+                              "output)")
         if cfg.ckpt:
             print(load_pretrained(model, cfg.ckpt, strict=ft.strict).summary())
         elif ft.from_scratch:
