@@ -139,7 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Warnings that Lightning prints for choices we made on purpose (a sized IterableDataset is what makes resume exact;
+# no validation_step during pre-training), and a deprecation inside Lightning itself: noise for a user.
+_BENIGN_WARNINGS = (
+    r".*IterableDataset.*has `__len__` defined.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*You passed in a `val_dataloader` but have no `validation_step`.*",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    for pattern in _BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
