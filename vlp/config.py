@@ -73,7 +73,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
     log_every_n_steps: int = 10
-    val_check_interval: Optional[float] = None
+    val_check_interval: Optional[Union[int, float]] = None  # int: every N training batches; float: epoch fraction
     limit_val_batches: Optional[float] = None
     num_sanity_val_steps: int = 0
     deterministic: bool = False
