@@ -56,6 +56,15 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
     return fn
 
 
+def configure_adamw(module: L.LightningModule, optim: OptimConfig, total_steps: int | None) -> dict:
+    """AdamW over ``param_groups`` with the warm-up + decay schedule stepped per optimizer step (Lightning's
+    ``configure_optimizers`` return value); ``total_steps`` falls back to ``trainer.max_steps``."""
+    opt = torch.optim.AdamW(param_groups(module, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    total = total_steps or max(1, module.trainer.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class PretrainModule(L.LightningModule):
     """Base of the paper modules. ``loss_weights`` scales the named losses; a weight of 0 switches a loss off."""
 
@@ -87,11 +96,7 @@ class PretrainModule(L.LightningModule):
         return total
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(param_groups(self, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = self.total_steps or max(1, self.trainer.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return configure_adamw(self, self.optim_cfg, self.total_steps)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.trainer is not None and self.trainer.optimizers:

@@ -36,7 +36,7 @@ import torch
 
 from vlp.config import ConfigError, OptimConfig
 from vlp.eval.vqa import VQAScore
-from vlp.models.base import lr_lambda, param_groups
+from vlp.models.base import configure_adamw
 
 log = logging.getLogger("vlp")
 
@@ -247,11 +247,7 @@ class VQATask(L.LightningModule):
             self.log(f"{self.eval_split}/vqa_score", score.to(self.device), batch_size=1)
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(param_groups(self, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = self.total_steps or max(1, self.trainer.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return configure_adamw(self, self.optim_cfg, self.total_steps)
 
 
 # -- what `vlp finetune` calls (vlp.tasks protocol) -------------------------------------------------------------------
