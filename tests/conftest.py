@@ -24,3 +24,15 @@ def _seed():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory):
+    """A small shapes world (96/16/24 images at 32 px) through the real recipes: coco, vg, vqa shards + tokenizer."""
+    from data_recipes.shapes import generate
+    from data_recipes.shapes_shards import build_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root / "raw", seed=0, train=96, val=16, test=24, image_size=32, progress=False)
+    build_shapes(root / "raw", root / "shards", progress=False)
+    return root / "shards"

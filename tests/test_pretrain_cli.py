@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_recipes.shapes import generate
-from data_recipes.shapes_shards import build_shapes
 from vlp.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +28,8 @@ TINY = [  # a model small enough for seconds of training
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    generate(root / "raw", seed=0, train=96, val=16, test=24, image_size=32, progress=False)
-    build_shapes(root / "raw", root / "shards", progress=False)
-    return root / "shards"
+def shards(shapes_shards):
+    return shapes_shards
 
 
 def data_args(shards: Path) -> list[str]:

@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from _resume_shards import jpeg
-from data_recipes.shapes import generate
-from data_recipes.shapes_shards import build_shapes
 from vlp.data.collate import Collator, SampleProcessor
 from vlp.data.config import ShardsDataConfig, SourceConfig
 from vlp.data.datamodule import ShardDataModule
@@ -45,11 +43,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vqa_world")
-    generate(root / "raw", seed=0, train=48, val=8, test=16, image_size=32, progress=False)
-    build_shapes(root / "raw", root / "shards", progress=False)
-    return root / "shards"
+def world(shapes_shards):
+    return shapes_shards
 
 
 def data_args(shards: Path) -> list[str]:
@@ -143,7 +138,7 @@ def test_training_stream_visits_each_image_once_per_pass_with_one_question(world
     batches = list(stream)
     assert dm.num_answers == 20
     keys = [k for b in batches for k in b["keys"]]
-    assert len(keys) == len(set(keys)) == 48  # one pass over the images
+    assert len(keys) == len(set(keys)) == 96  # one pass over the images
     for b in batches:
         assert b["input_ids"].shape[0] == b["image"].shape[0] == 8 and b["vqa_targets"].shape == (8, 20)
         assert torch.equal(b["question_image"], torch.arange(8))
