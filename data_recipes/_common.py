@@ -429,13 +429,18 @@ def parser(name: str, description: str, root_help: str, split_help: str) -> argp
     return p
 
 
-def run_main(build: Callable[..., dict], p: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    args = p.parse_args(argv)
-    extra = {k: v for k, v in vars(args).items() if k not in _COMMON}
+def call_reporting(p: argparse.ArgumentParser, fn: Callable[..., Any], *args, **kwargs) -> int:
+    """Run a recipe's build from its command line: a ``RecipeError`` becomes one line on stderr and exit status 2."""
     try:
-        build(args.root, args.out, split=args.split, shard_size=args.shard_size, workers=args.workers,
-              progress=not args.no_progress, **extra)
+        fn(*args, **kwargs)
     except RecipeError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_main(build: Callable[..., dict], p: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = p.parse_args(argv)
+    extra = {k: v for k, v in vars(args).items() if k not in _COMMON}
+    return call_reporting(p, build, args.root, args.out, split=args.split, shard_size=args.shard_size,
+                          workers=args.workers, progress=not args.no_progress, **extra)

@@ -893,15 +893,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=C.positive_int, default=1, metavar="K", help="processes, one shard each (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        build(args.shards, args.out, mode="extract" if args.extract else None, workers=args.workers,
-              progress=not args.no_progress, npz_dir=args.npz_dir, tsv=args.tsv, tsv_fields=args.tsv_fields,
-              classes=args.classes, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights,
-              image_size=args.image_size, roi_size=args.roi_size, batch_size=args.batch_size, device=args.device)
-    except C.RecipeError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return C.call_reporting(
+        p, build, args.shards, args.out, mode="extract" if args.extract else None, workers=args.workers,
+        progress=not args.no_progress, npz_dir=args.npz_dir, tsv=args.tsv, tsv_fields=args.tsv_fields,
+        classes=args.classes, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights,
+        image_size=args.image_size, roi_size=args.roi_size, batch_size=args.batch_size, device=args.device)
 
 
 if __name__ == "__main__":

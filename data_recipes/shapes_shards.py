@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -101,13 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=C.positive_int, default=400, metavar="V", help="WordPiece vocabulary (400)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        build_shapes(args.root, args.out, args.workers, shard_size=args.shard_size, vocab_size=args.vocab_size,
-                     progress=not args.no_progress)
-    except C.RecipeError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return C.call_reporting(p, build_shapes, args.root, args.out, args.workers, shard_size=args.shard_size,
+                            vocab_size=args.vocab_size, progress=not args.no_progress)
 
 
 if __name__ == "__main__":
