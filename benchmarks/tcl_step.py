@@ -63,8 +63,7 @@ def main(argv=None) -> int:
         model_cfg = dataclasses.replace(cfg.model, **overrides)
         if model_cfg.text.vocab_size is None:
             model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, vocab_size=args.vocab,
-                                                                                pad_token_id=0),
-                                            pad_token_id=0, cls_token_id=2, mask_token_id=4)
+                                                                                pad_token_id=0))
         torch.manual_seed(0)
         model = build(model_cfg, cfg.optim)
         batch = synthetic_batch(cfg, model_cfg.text.vocab_size, torch.Generator().manual_seed(0))

@@ -26,6 +26,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models: they gain nothing from a second thread, and on a shared
+    2-core machine OpenMP's spinning threads multiply the wall time. Restored for the other modules. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory):
     """A small shapes world (96/16/24 images at 32 px) through the real recipes: coco, vg, vqa shards + tokenizer."""

@@ -14,21 +14,15 @@ from vlp.blocks.fusion import BridgeLayer, CoAttentionStack, CrossModalLayer
 from vlp.blocks.text import TextConfig
 from vlp.blocks.vision import VisionConfig
 from vlp.config import OptimConfig
-from vlp.models.base import param_groups
+from vlp.data.visual import Visual
+from vlp.models.base import Text, param_groups
 from vlp.models.bridgetower import BridgeTower, BridgeTowerConfig
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-core box OpenMP's spinning threads would
-    # multiply the wall time; restored for the other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------- fixtures ---
@@ -95,7 +89,7 @@ def test_itm_logits_match_transformers_retrieval_model(hf_saved, link):
     px, ids, mask = inputs()
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-        got = ours.match_logits(px, ids, mask)  # the issue's signature
+        got = ours.pair_logits(Visual(pixels=px), Text(ids, mask))  # the model contract, end to end
     torch.testing.assert_close(got, ref, **TOL)
     assert got.shape == (3, 2)
 
@@ -137,15 +131,18 @@ def test_retrieval_states_path_equals_the_direct_path(hf_saved):
     ours = converted(path)
     px, ids, mask = inputs()
     with torch.no_grad():
-        img_emb, img_states = ours.embed_images(px)
-        txt_emb, txt_states = ours.embed_texts(ids, mask)
-        direct = ours.match_logits(px, ids, mask)
-        cached = ours.match_states(img_states, txt_states, mask)  # vlp.eval's call
+        image = ours.encode_image(Visual(pixels=px))  # what vlp.eval caches once per image / text
+        text = ours.encode_text(Text(ids, mask))
+        cached = ours.match_logits(ours.fuse(image, text))
+        direct = ours.itm_head(ours(px, ids, mask).cls_feats)  # transformers' forward
     torch.testing.assert_close(cached, direct, **TOL)
-    assert img_states.shape == (3, 2, 17, 64) and txt_states.shape == (3, 2, 7, 32)
-    torch.testing.assert_close(img_emb.norm(dim=-1), torch.ones(3))
-    # Uni-modal widths differ (64 vs 32): the embeddings share the cross-modal projection's space.
-    assert img_emb.shape == txt_emb.shape == (3, 32)
+    assert image.states.shape == (3, 2, 17, 64) and text.states.shape == (3, 2, 7, 32)
+    # transformers' retrieval model has no ITC heads: no contrastive embedding, and retrieval scores every pair with
+    # ITM (the official protocol) instead of ranking by the cosine of [CLS] states no objective aligned.
+    assert image.embedding is None and text.embedding is None and not ours.has_contrastive_head
+    assert ours.retrieval_protocol == ("all_pairs", "itm")
+    with_itc = BridgeTower(tiny_cfg(loss_weights={"mlm": 1.0, "itm": 1.0, "itc": 1.0}))
+    assert with_itc.retrieval_protocol == ("contrastive", "max")
 
 
 def test_config_from_transformers_carries_every_eps():
@@ -332,8 +329,7 @@ def test_eager_and_sdpa_cross_layers_agree():
 
 # ------------------------------------------------------------------------------------------- training ---
 def tiny_cfg(**kw) -> BridgeTowerConfig:
-    kw = {"num_cross_layers": 2, "cross_dropout": 0.0, "itc_embed_dim": 16, "pad_token_id": 1, "cls_token_id": 0,
-          "sep_token_id": 2, "mask_token_id": 3, **kw}
+    kw = {"num_cross_layers": 2, "cross_dropout": 0.0, "itc_embed_dim": 16, **kw}
     return BridgeTowerConfig(
         vision=VisionConfig.clip(img_size=32, patch_size=8, width=32, depth=2, heads=2),
         text=TextConfig(arch="roberta", vocab_size=40, hidden=32, layers=2, heads=2, intermediate=64,
@@ -346,8 +342,11 @@ def batch(b=8, t=8, seed=0):
     ids[:, 0], ids[:, -1] = 0, 2
     mask = torch.ones(b, t, dtype=torch.long)
     colours = torch.randn(b, 3, 1, 1, generator=g)  # images that can be told apart
+    labels = torch.full_like(ids, -100)  # the collator's MLM inputs: tokens 2 and 4 masked ([MASK] = 3)
+    labels[:, [2, 4]] = ids[:, [2, 4]]
     return {"image": colours.expand(b, 3, 32, 32) + 0.1 * torch.randn(b, 3, 32, 32, generator=g),
-            "input_ids": ids, "attention_mask": mask, "image_ids": torch.arange(b)}
+            "input_ids": ids, "attention_mask": mask, "image_ids": torch.arange(b),
+            "mlm_input_ids": torch.where(labels != -100, torch.full_like(ids, 3), ids), "mlm_labels": labels}
 
 
 @pytest.mark.parametrize("itc,bridge", [(0.0, "add"), (1.0, "add"), (0.0, "none")])
@@ -453,7 +452,9 @@ def test_vqa_head_and_loss():
     model = BridgeTower(tiny_cfg(num_answers=5)).eval()
     data = batch(b=2)
     with torch.no_grad():
-        logits = model.vqa_logits(data["image"], data["input_ids"], data["attention_mask"])
+        fused = model.fuse(model.encode_image(Visual(pixels=data["image"])),
+                           model.encode_text(Text(data["input_ids"], data["attention_mask"])))
+        logits = model.vqa_logits(fused)
     assert logits.shape == (2, 5)
     assert [type(m).__name__ for m in model.vqa_head] == ["Linear", "LayerNorm", "GELU", "Linear"]
     assert model.vqa_head[0].out_features == 2 * 32 * 2
@@ -461,10 +462,11 @@ def test_vqa_head_and_loss():
     assert BridgeTower.vqa_loss(z, y).item() == pytest.approx(4 * math.log(2))  # BCE(0, y) = log 2 each
 
 
-def test_special_ids_outside_the_vocabulary_fail_clearly():
-    model = BridgeTower(tiny_cfg(mask_token_id=50264))
-    with pytest.raises(ValueError, match="mask_token_id=50264"):
-        model.compute_losses(batch())
+def test_a_batch_without_mlm_inputs_fails_clearly():
+    data = batch()
+    del data["mlm_input_ids"], data["mlm_labels"]
+    with pytest.raises(ValueError, match="mlm_input_ids"):
+        BridgeTower(tiny_cfg()).compute_losses(data)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints ---
@@ -479,9 +481,8 @@ def test_save_then_load_gives_the_module_in_eval_mode(tmp_path):
     assert isinstance(loaded, BridgeTower) and not loaded.training
     data = batch(b=2)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.match_logits(data["image"], data["input_ids"], data["attention_mask"]),
-                                   model.eval().match_logits(data["image"], data["input_ids"],
-                                                             data["attention_mask"]))
+        visual, text = Visual(pixels=data["image"]), Text(data["input_ids"], data["attention_mask"])
+        torch.testing.assert_close(loaded.pair_logits(visual, text), model.eval().pair_logits(visual, text))
 
 
 def test_lightning_trainer_checkpoint_loads(tmp_path):
@@ -537,7 +538,7 @@ def test_convert_cli_bridgetower_hf_and_tcl(hf_saved, tmp_path):
     module = vlp.models.load(dst)
     px, ids, mask = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(module.match_logits(px, ids, mask),
+        torch.testing.assert_close(module.pair_logits(Visual(pixels=px), Text(ids, mask)),
                                    hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits, **TOL)
 
     fixture = torch.load(Path(__file__).parent / "fixtures" / "official" / "tcl_tiny.pt", weights_only=True)

@@ -1,5 +1,7 @@
-"""The streaming data pipeline: batch format, MLM masking, transforms, node/worker split, mixtures, corrupt data,
-retrieval evaluation data. Tiny 32 px JPEG shards written in a temp dir; resume is in test_resume.py."""
+"""The streaming data pipeline: batch format, MLM masking by the model's rule, transforms, node/worker split,
+mixtures, corrupt data, what is decoded (images / regions), caption pre-processing, retrieval evaluation data. Tiny
+32 px JPEG shards written in a temp dir; resume is in test_resume.py, the masker alone in test_masking.py, the
+collator's pieces in test_collate_pieces.py."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from _resume_shards import caption_texts, make_shards
-from vlp.data.collate import Collator, mask_tokens, stable_image_id
+from vlp.data.collate import Collator, SampleProcessor, stable_image_id
 from vlp.data.config import ShardsDataConfig, SourceConfig
 from vlp.data.datamodule import ShardDataModule
+from vlp.data.masking import MaskingConfig
 from vlp.data.shards import shard_name, write_index, write_shard
 from vlp.data.stream import CorruptDataError, scan_tar
 from vlp.data.tokenizer import train_wordpiece
@@ -108,49 +111,50 @@ def test_stable_image_id():
 # MLM masking
 
 
-def test_mlm_masking_statistics_and_never_special(world):
-    dm = ShardDataModule(cfg_for(world, mlm_probability=0.15, max_text_len=32))
-    tok = dm.tokenizer
-    coll = dm.collator()
-    rng = np.random.default_rng(0)
-    texts = caption_texts()
-    captions = [texts[i] for i in rng.integers(0, len(texts), 3000)]
-    text = coll.tokenize(captions)
-    ids, maskable = text["input_ids"], text["maskable"]
-    seeds = list(range(len(captions)))
-    mlm_ids, labels = mask_tokens(ids, maskable, mask_token_id=tok.mask_token_id, candidates=coll.candidates,
-                                  probability=0.15, seeds=seeds)
-    chosen = labels != -100
-    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
-    assert not (chosen & special).any() and not (chosen & (text["attention_mask"] == 0)).any()
-    assert ((ids == tok.pad_token_id) | (ids == tok.cls_token_id) | (ids == tok.sep_token_id))[~maskable].all()
-    rate = chosen.sum().item() / maskable.sum().item()
-    assert abs(rate - 0.15) < 0.01, rate
-    assert (labels[chosen] == ids[chosen]).all() and (mlm_ids[~chosen] == ids[~chosen]).all()
-    n = chosen.sum().item()
-    to_mask = (mlm_ids[chosen] == tok.mask_token_id).sum().item() / n
-    unchanged = (mlm_ids[chosen] == ids[chosen]).sum().item() / n
-    assert abs(to_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02, (to_mask, unchanged)
-    replaced = mlm_ids[chosen & (mlm_ids != tok.mask_token_id) & (mlm_ids != ids)]
-    assert not torch.isin(replaced, torch.tensor(tok.all_special_ids)).any()
-    assert abs(replaced.numel() / n - 0.1) < 0.02  # (a random token may equal the original: slightly under 10%)
-    # per-row seeds: a row's mask depends on its seed only, not on the batch it is in
-    again, lab2 = mask_tokens(ids[5:9], maskable[5:9], mask_token_id=tok.mask_token_id, candidates=coll.candidates,
-                              probability=0.15, seeds=seeds[5:9])
-    assert torch.equal(again, mlm_ids[5:9]) and torch.equal(lab2, labels[5:9])
+def _caption_samples(texts, seed0=0):
+    return [{"key": f"k{i}", "image": torch.zeros(3, 4, 4), "image_id": i, "caption": t, "seed": seed0 + i}
+            for i, t in enumerate(texts)]
+
+
+def test_collator_masks_with_the_models_rule(world):
+    tok = ShardDataModule(cfg_for(world)).tokenizer
+    texts = caption_texts()[:64]
+    special = torch.tensor(tok.all_special_ids)
+    # BridgeTower's rule at probability 1: every non-special real token, never [CLS]/[SEP]/[PAD]
+    b = Collator(tok, masking=MaskingConfig(protect="special", probability=1.0))(_caption_samples(texts))
+    chosen = b["mlm_labels"] != -100
+    assert torch.equal(chosen, ~torch.isin(b["input_ids"], special) & (b["attention_mask"] == 1))
+    # TCL's rule: [SEP] is a target too, [PAD] and [CLS] never
+    b = Collator(tok, masking=MaskingConfig(protect="pad_cls", probability=1.0))(_caption_samples(texts))
+    ids, chosen = b["input_ids"], b["mlm_labels"] != -100
+    assert chosen[ids == tok.sep_token_id].all()
+    assert not chosen[(ids == tok.pad_token_id) | (ids == tok.cls_token_id)].any()
+    # the datamodule hands the model's rule to its collators
+    dm = ShardDataModule(cfg_for(world), masking=MaskingConfig(protect="pad_cls", probability=0.3))
+    assert dm.collator().masking.protect == "pad_cls" and ShardDataModule(cfg_for(world)).collator().masking == \
+        MaskingConfig()
+
+
+def test_a_samples_mask_depends_on_its_seed_not_on_its_batch(world):
+    tok = ShardDataModule(cfg_for(world)).tokenizer
+    coll = Collator(tok, masking=MaskingConfig(probability=0.5))
+    texts = caption_texts()[:40]
+    full = coll(_caption_samples(texts))
+    part = coll(_caption_samples(texts)[7:9])  # shorter batch: less padding
+    n = part["input_ids"].shape[1]
+    assert torch.equal(part["mlm_input_ids"], full["mlm_input_ids"][7:9, :n])
+    assert torch.equal(part["mlm_labels"], full["mlm_labels"][7:9, :n])
+    assert not torch.equal(coll(_caption_samples(texts, seed0=1))["mlm_labels"], full["mlm_labels"])
 
 
 def test_whole_word_masking_masks_all_pieces_of_a_word(world, tmp_path):
     tok = train_wordpiece(["aa bb cc dd", "xyzzyplugh qwertyuiop"] * 3 + ["x y z q w e r t u i o p l g h"],
                           tmp_path / "tok", vocab_size=60)
-    coll = Collator(tok, max_text_len=40, mlm_probability=0.3, whole_word_masking=True)
+    coll = Collator(tok, max_text_len=40, masking=MaskingConfig(probability=0.3, whole_word=True))
     captions = ["xyzzyplugh qwertyuiop aa xyzzyplugh"] * 400
-    text = coll.tokenize(captions)
+    text = coll.tokenize(captions, word_ids=True)
     assert text["input_ids"].shape[1] > 8  # the long words really are split into pieces
-    _, labels = mask_tokens(text["input_ids"], text["maskable"], mask_token_id=tok.mask_token_id,
-                            candidates=coll.candidates, probability=0.3, word_ids=text["word_ids"],
-                            seeds=list(range(400)))
-    chosen = labels != -100
+    chosen = coll(_caption_samples(captions))["mlm_labels"] != -100
     wid = text["word_ids"]
     partial = 0
     for i in range(400):
@@ -377,26 +381,161 @@ def test_index_mismatch_is_a_format_error(world, tmp_path):
 # retrieval evaluation data
 
 
-def test_retrieval_data_yields_all_captions_in_order(world):
-    dm = ShardDataModule(cfg_for(world, val=world["val"], test=world["val"], image_size=16))
-    images, texts, txt2img, img2txt = r = dm.retrieval_data("val")
-    assert images.shape == (9, 3, 16, 16)
-    assert r.keys == [f"coco-{i}" for i in range(500, 509)] and r.image_ids == list(range(500, 509))
+def test_retrieval_data_reads_the_split_in_order_through_the_eval_pipeline(world):
+    from vlp.data.visual import Visual
+
+    dm = ShardDataModule(cfg_for(world, val=world["val"], test=world["val"], image_size=16, eval_batch_size=4))
+    r = dm.retrieval_data("val")
+    visuals, texts, txt2img, img2txt = r
+    keys, image_ids = r.keys, r.image_ids
+    assert r.visuals is visuals and r.texts is texts and r.txt2img is txt2img and r.img2txt is img2txt
+    assert keys == [f"coco-{i}" for i in range(500, 509)] and image_ids == list(range(500, 509))
+    assert len(visuals) == 9 and visuals.cached and visuals.corrupt == 0
+    batches = list(visuals)
+    assert [b["keys"] for b in batches] == [keys[0:4], keys[4:8], keys[8:]]
+    assert all(set(b) == {"image", "image_ids", "keys"} for b in batches)  # no text, no MLM, no counters
+    v = Visual.from_batch(batches[0])
+    assert v.has_pixels and not v.has_regions and v.pixels.shape == (4, 3, 16, 16)
+    # the very tensors of the evaluation loader (same processor, same collator)
+    val = list(dm.val_dataloader())
+    assert torch.equal(torch.cat([b["image"] for b in batches]), torch.cat([b["image"] for b in val]))
     assert len(texts) == 27 and texts[3].endswith("number 501 caption 0")
     assert txt2img == [i // 3 for i in range(27)] and img2txt == [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(9)]
-    again = dm.retrieval_data("test")
-    assert torch.equal(again[0], images) and again[1] == texts
+    assert [b["keys"] for b in visuals] == [b["keys"] for b in batches]  # re-iterable
     with pytest.raises(ValueError, match="data.val is not set"):
         ShardDataModule(cfg_for(world)).retrieval_data("val")
 
 
-def test_retrieval_images_lazy_path(world, monkeypatch):
+def test_retrieval_visuals_lazy_path_rereads_the_same_batches(world, monkeypatch):
     import vlp.data.datamodule as dmod
 
-    monkeypatch.setattr(dmod, "RETRIEVAL_TENSOR_BUDGET", 10)
     dm = ShardDataModule(cfg_for(world, val=world["val"], image_size=16, eval_batch_size=4))
-    images, texts, _, _ = dm.retrieval_data("val")
-    chunks = list(images)
-    assert len(images) == 9 and [c.shape[0] for c in chunks] == [4, 4, 1]
-    monkeypatch.setattr(dmod, "RETRIEVAL_TENSOR_BUDGET", 1 << 30)
-    assert torch.equal(torch.cat(chunks), dm.retrieval_data("val")[0])
+    kept = list(dm.retrieval_data("val").visuals)
+    monkeypatch.setattr(dmod, "RETRIEVAL_TENSOR_BUDGET", 10)
+    lazy = dm.retrieval_data("val").visuals
+    assert not lazy.cached and len(lazy) == 9
+    chunks = list(lazy)
+    assert [c["image"].shape[0] for c in chunks] == [4, 4, 1]
+    assert all(torch.equal(a["image"], b["image"]) and a["keys"] == b["keys"] for a, b in zip(chunks, kept))
+
+
+def test_retrieval_data_leaves_corrupt_samples_out_of_images_and_texts(world, corrupt_dir):
+    d, bad = corrupt_dir
+    dm = ShardDataModule(ShardsDataConfig(test=str(d), image_size=16, eval_batch_size=5, max_corrupt_ratio=0.5,
+                                          corrupt_min_samples=10))
+    with pytest.warns(UserWarning, match="corrupt sample"):
+        r = dm.retrieval_data("test")
+    good = [f"bad-{i}" for i in range(36) if f"bad-{i}" not in bad]
+    assert r.keys == good and r.visuals.corrupt == len(bad)
+    assert [k for b in r.visuals for k in b["keys"]] == good
+    assert len(r.texts) == 3 * len(good) and r.txt2img[-1] == len(good) - 1
+    assert all(t.split("number ")[1].split(" ")[0] == k.split("-")[1] for t, k in zip(r.texts[::3], good))
+
+
+def test_encode_texts_preprocesses_and_pads_to_one_length(world):
+    dm = ShardDataModule(cfg_for(world, caption_preprocess="albef", max_text_len=8, eval_max_text_len=12))
+    tok = dm.tokenizer
+    enc = dm.encode_texts(["A RED ball, LEFT of a blue-cube!", "a red ball", "a red ball " * 10])
+    assert set(enc) == {"input_ids", "attention_mask"}
+    assert enc["input_ids"].dtype == enc["attention_mask"].dtype == torch.long
+    assert enc["input_ids"].shape == enc["attention_mask"].shape == (3, 12)  # the longest, cut at 12
+    ref = tok(["a red ball left of a blue cube"], return_tensors="pt")["input_ids"][0]
+    assert torch.equal(enc["input_ids"][0, : len(ref)], ref) and enc["attention_mask"][0].sum() == len(ref)
+    assert dm.encode_texts(["a red ball"])["input_ids"].shape == (1, len(tok("a red ball")["input_ids"]))
+    assert ShardDataModule(cfg_for(world, max_text_len=8)).encode_texts(["a red ball " * 10])["input_ids"].shape[1] == 8
+
+
+def test_caption_preprocessing_reaches_training_and_retrieval(world):
+    dm = ShardDataModule(cfg_for(world, caption_preprocess="albef", max_words=4, val=world["val"],
+                                 caption="first"))
+    b = epoch_batches(dm)[0][0]
+    assert all(len(c.split(" ")) == 4 and c == c.lower() for c in b["captions"])
+    tok = dm.tokenizer
+    assert tok.decode(b["input_ids"][0], skip_special_tokens=True) == b["captions"][0]
+    r = dm.retrieval_data("val")
+    assert r.texts[0] == "a red square left"  # "a red square left of a ..." cut at 4 words
+    with pytest.raises(ValueError, match="caption_preprocess"):
+        ShardsDataConfig(caption_preprocess="bert")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what is decoded: images, regions
+
+
+def _region_sample(i: int, *, image: bool, labels: bool = True) -> dict:
+    import io
+
+    from _resume_shards import jpeg
+
+    n = 1 + i % 3
+    rng = np.random.default_rng(i)
+    arrays = {"features": rng.standard_normal((n, 6)).astype(np.float16),
+              "boxes": np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (n, 1)),
+              "cls_prob": np.full((n, 5), 0.2, np.float16)}
+    if labels:
+        arrays["labels"] = np.array([f"obj{i}_{k}" for k in range(n)], dtype=str)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    s = {"__key__": f"reg-{i}", "regions.npz": buf.getvalue(),
+         "json": {"image_id": i, "captions": [f"region caption {i} a", f"region caption {i} b"]}}
+    if image:
+        s["jpg"] = jpeg(i)
+    return s
+
+
+@pytest.fixture(scope="module")
+def region_dirs(world, tmp_path_factory):
+    """Two region shard dirs: one without image members (a region-only corpus), one with."""
+    out = {}
+    for name, image in (("noimg", False), ("img", True)):
+        d = tmp_path_factory.mktemp(name)
+        write_shard(d / shard_name("train", 0), [_region_sample(i, image=image) for i in range(8)])
+        write_index(d, source="reg", split="train", skipped={}, tokenizer=str(Path(world["a"]) / "tokenizer"),
+                    regions={"dim": 6}, shards=[{"name": shard_name("train", 0), "samples": 8}])
+        out[name] = d
+    return out
+
+
+def test_region_only_pipeline_needs_and_decodes_no_image(region_dirs, monkeypatch):
+    from vlp.data.visual import Visual
+
+    decoded = []
+    orig = SampleProcessor.decode
+
+    def decode(self, raw):
+        out = orig(self, raw)
+        decoded.append(type(out.get("jpg")).__name__)
+        return out
+
+    monkeypatch.setattr(SampleProcessor, "decode", decode)
+    for name in ("noimg", "img"):
+        cfg = ShardsDataConfig(train=[SourceConfig(str(region_dirs[name]))], batch_size=4, images=False,
+                               regions=True, test=str(region_dirs[name]), eval_batch_size=8)
+        dm = ShardDataModule(cfg)
+        batches, _ = epoch_batches(dm)
+        assert len(batches) == 2 and all("image" not in b and "image_aug" not in b for b in batches)
+        b = batches[0]
+        n = max(1 + int(k.split("-")[1]) % 3 for k in b["keys"])
+        assert b["region_features"].shape == (4, n, 6) and b["region_cls_prob"].shape == (4, n, 5)
+        assert b["region_labels"] == [[f"obj{k.split('-')[1]}_{j}" for j in range(1 + int(k.split("-")[1]) % 3)]
+                                      for k in b["keys"]]
+        assert "mlm_input_ids" in b and len(b["captions"]) == 4
+        v = Visual.from_batch(b)
+        assert not v.has_pixels and v.has_regions and v.labels == b["region_labels"] and v.batch_size == 4
+        r = dm.retrieval_data("test")
+        visuals = list(r.visuals)
+        assert len(r.visuals) == 8 and len(r.texts) == 16 and "image" not in visuals[0]
+        assert Visual.from_batch(visuals[0]).mask.sum(1).tolist() == [1 + i % 3 for i in range(8)]
+    assert set(decoded) == {"bytes", "NoneType"}  # the jpg member (where there is one) stays undecoded
+    with pytest.raises(ValueError, match="nothing visual"):
+        ShardsDataConfig(images=False, regions=False)
+
+
+def test_images_and_regions_together(region_dirs):
+    cfg = ShardsDataConfig(train=[SourceConfig(str(region_dirs["img"]))], batch_size=4, image_size=16, regions=True)
+    b = epoch_batches(ShardDataModule(cfg))[0][0]
+    assert b["image"].shape == (4, 3, 16, 16) and b["region_mask"].shape[0] == 4 and "region_labels" in b
+    cfg = ShardsDataConfig(train=[SourceConfig(str(region_dirs["noimg"]))], batch_size=4, image_size=16,
+                           regions=True, max_corrupt_ratio=None)
+    with pytest.raises(Exception, match="no image member"):  # images=true on a region-only corpus
+        epoch_batches(ShardDataModule(cfg))

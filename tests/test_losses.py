@@ -18,7 +18,6 @@ from vlp.losses import (
     info_nce,
     itm_loss,
     itm_triplets,
-    mask_tokens,
     mlm_loss,
     multi_positive_targets,
     patch_pooling,
@@ -288,71 +287,7 @@ def test_swap_images_for_itm():
 
 
 # ------------------------------------------------------------------------------------------------------ MLM
-PAD, CLS, SEP, MASK = 0, 1, 2, 3
-
-
-def _batch(b: int, length: int, vocab: int, g: torch.Generator) -> torch.Tensor:
-    ids = torch.randint(4, vocab, (b, length), generator=g)
-    ids[:, 0] = CLS
-    lengths = torch.randint(length // 2, length + 1, (b,), generator=g)
-    pos = torch.arange(length).expand(b, length)
-    ids[pos == (lengths - 1).unsqueeze(1)] = SEP
-    ids[pos >= lengths.unsqueeze(1)] = PAD
-    return ids
-
-
-def test_mask_tokens_statistics_80_10_10():
-    vocab = 1000
-    g = torch.Generator().manual_seed(0)
-    ids = _batch(400, 64, vocab, g)
-    original = ids.clone()
-    masked, labels = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD, CLS), generator=g)
-    assert torch.equal(ids, original)                                  # input untouched
-    sel = labels != -100
-    assert not sel[(ids == PAD) | (ids == CLS)].any()                  # never PAD or CLS
-    assert sel[ids == SEP].any()                                       # SEP can be masked (ALBEF/TCL)
-    eligible = (ids != PAD) & (ids != CLS)
-    rate = sel.sum().item() / eligible.sum().item()                    # ~19k eligible tokens: sd 0.0026
-    assert abs(rate - 0.15) < 0.012
-    assert torch.equal(labels[sel], ids[sel])
-    assert torch.equal(masked[~sel], ids[~sel])                        # unselected tokens unchanged
-    n = sel.sum().item()                                               # ~2.9k selected: sd <= 0.0093
-    frac_mask = (masked[sel] == MASK).sum().item() / n
-    frac_same = (masked[sel] == ids[sel]).sum().item() / n
-    frac_random = 1 - frac_mask - frac_same
-    assert abs(frac_mask - 0.8) < 0.035
-    assert abs(frac_same - 0.1) < 0.03
-    assert abs(frac_random - 0.1) < 0.03
-
-
-def test_mask_tokens_protection_options_and_determinism():
-    vocab = 50
-    g = torch.Generator().manual_seed(1)
-    ids = _batch(64, 16, vocab, g)
-    # Probability 1 everywhere: exactly the unprotected tokens are selected.
-    _, labels = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD, CLS, SEP), probability=1.0)
-    assert torch.equal(labels != -100, (ids != PAD) & (ids != CLS) & (ids != SEP))
-    special = torch.zeros_like(ids, dtype=torch.bool)
-    special[:, 1] = True
-    _, labels = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD,), probability=1.0,
-                            special_mask=special)
-    assert torch.equal(labels != -100, (ids != PAD) & ~special)
-    # Per-token probabilities.
-    prob = torch.zeros(ids.shape)
-    prob[:, 2:4] = 1.0
-    _, labels = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD, CLS), probability=prob)
-    expect = torch.zeros_like(labels, dtype=torch.bool)
-    expect[:, 2:4] = True
-    assert torch.equal(labels != -100, expect & (ids != PAD))
-    # Same generator seed, same result; mask_ratio=1 masks every selected token.
-    a = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD, CLS),
-                    generator=torch.Generator().manual_seed(5))
-    b = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD, CLS),
-                    generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    m, lab = mask_tokens(ids, vocab_size=vocab, mask_id=MASK, special_ids=(PAD, CLS), mask_ratio=1.0,
-                         random_ratio=0.0, probability=0.5, generator=g)
-    assert bool((m[lab != -100] == MASK).all())
+# (the masker is vlp.data.masking.Masker: tests/test_masking.py)
 
 
 def test_mlm_loss_hand_computed_ce_and_distillation():

@@ -22,8 +22,7 @@ def tiny_cfg(**kw) -> TCLConfig:
                             qkv_bias=True, ln_eps=1e-6),
         text=TextConfig(arch="bert", vocab_size=VOCAB, hidden=32, layers=2, heads=2, intermediate=64,
                         max_position=16, type_vocab_size=2, ln_eps=1e-12, pad_token_id=0, dropout=0.0,
-                        fusion_layers=1, encoder_width=32),
-        pad_token_id=0, cls_token_id=1, mask_token_id=3, **kw)
+                        fusion_layers=1, encoder_width=32), **kw)
 
 
 def batch(b=8, t=10, seed=0):
@@ -33,8 +32,13 @@ def batch(b=8, t=10, seed=0):
     mask = torch.ones(b, t, dtype=torch.long)
     mask[b // 2:, t - 3:] = 0
     ids[mask == 0] = 0
+    # MLM inputs as the collator makes them: tokens 2 and 5 of each caption masked ([MASK] = 3)
+    labels = torch.full_like(ids, -100)
+    labels[:, [2, 5]] = ids[:, [2, 5]]
+    mlm_ids = torch.where(labels != -100, torch.full_like(ids, 3), ids)
     return {"image": torch.randn(b, 3, 32, 32, generator=g), "image_aug": torch.randn(b, 3, 32, 32, generator=g),
-            "input_ids": ids, "attention_mask": mask, "image_ids": torch.arange(b)}
+            "input_ids": ids, "attention_mask": mask, "image_ids": torch.arange(b), "mlm_input_ids": mlm_ids,
+            "mlm_labels": labels}
 
 
 def test_tcl_step_on_a_fixed_batch_drives_the_loss_down():

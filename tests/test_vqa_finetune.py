@@ -33,13 +33,7 @@ TINY = [  # BridgeTower small enough for seconds of training
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and a busy 2-core machine makes two threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +174,7 @@ def test_vqa_task_learns_a_fixed_batch():
     torch.manual_seed(0)
     task = VQATask(_tiny_bridgetower(6), OptimConfig(lr=1e-3, weight_decay=0.0, schedule="constant",
                                                      lr_mult={"vqa_head": 5.0}))
-    frozen = task.freeze_unused(32)
+    frozen = task.freeze_unused()
     assert frozen and all(n.startswith(("mlm_head.", "itm_head.")) for n in frozen)
     task.total_steps = 60
     opt = task.configure_optimizers()["optimizer"]

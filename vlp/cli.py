@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 from vlp.config import ConfigError
+from vlp.utils.checkpoint import CheckpointError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -158,4 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][2](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # one line naming the file and what was expected; never a torch traceback
+        print(f"error: {e}", file=sys.stderr)
         return 2

@@ -91,11 +91,19 @@ class OptimConfig:
     weight_decay: float = 0.02
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (per optimizer step) | tcl_official (per epoch, below)
+    warmup_steps: int = 0  # cosine / linear / constant
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    warmup_start_lr: float = 0.0
-    min_lr: float = 0.0
+    warmup_start_lr: float = 0.0  # every schedule (official TCL: schedular.warmup_lr)
+    min_lr: float = 0.0  # every schedule (official TCL: schedular.min_lr)
+    # schedule=tcl_official: the official TCL/ALBEF pre-training schedule (its timm CosineLRScheduler, stepped as
+    # Pretrain.py steps it; see vlp.models.base.lr_lambda). warmup_steps / warmup_ratio are not used by it.
+    epochs: int = 0  # length of the cosine in epochs (official schedular.epochs); min_lr from this epoch on
+    # Warm-up ticks (official schedular.warmup_epochs, a misnomer: ticks of warmup_step_size optimizer steps, all in
+    # epoch 0; the paper's 20 ticks x 100 steps = 2000 steps).
+    warmup_epochs: int = 0
+    warmup_step_size: int = 100  # optimizer steps per warm-up tick (official Pretrain.py step_size)
+    steps_per_epoch: int = 0  # optimizer steps per epoch and rank; 0: from the training loader when the run starts
     # Parameter-name substring -> learning-rate multiplier (BridgeTower: cross_modal 5x, heads 5x).
     lr_mult: dict[str, float] = field(default_factory=dict)
     # Parameter-name substrings excluded from weight decay (besides 1-d parameters and biases when enabled).
@@ -108,15 +116,32 @@ class EvalConfig:
 
     split: str = "test"
     k_test: int = 256  # candidates re-ranked by the matching head (ALBEF/TCL: 256 COCO, 128 Flickr)
-    rerank: bool = True
     batch_size: int = 128
     # Which captions query: "all" (COCO protocol: every caption of every image) or "first" (one per image; the
     # shapes world's first caption identifies its image, so R@1 can reach 100 %).
     captions: str = "all"
+    # The ranking protocol; null: the model's own (``retrieval_protocol``: TCL contrastive + itm, BridgeTower with ITC
+    # contrastive + max, models without a contrastive head all_pairs + itm). first_stage: contrastive (rank by the
+    # contrastive embedding, re-rank the top k_test with ITM) | all_pairs (ITM on every pair); combine: itm (the
+    # re-ranked ITM scores, per direction) | itc (the contrastive similarity alone) | max (element-wise max of the
+    # two re-ranked directions: BridgeTower's official protocol).
+    first_stage: Optional[str] = None
+    combine: Optional[str] = None
+    subset: Optional[int] = None  # evaluate on the first N images of the split (and their captions); null: all
+    progress: bool = True  # a progress bar over the pairs scored by ITM
 
     def __post_init__(self):
         if self.captions not in ("all", "first"):
             raise ValueError(f"eval.captions must be 'all' or 'first', got {self.captions!r}")
+        if self.first_stage not in (None, "contrastive", "all_pairs"):
+            raise ValueError(f"eval.first_stage must be contrastive or all_pairs (or null: the model's), got "
+                             f"{self.first_stage!r}")
+        if self.combine not in (None, "itm", "itc", "max"):
+            raise ValueError(f"eval.combine must be itm, itc or max (or null: the model's), got {self.combine!r}")
+        if self.first_stage == "all_pairs" and self.combine == "itc":
+            raise ValueError("eval.combine=itc ranks by the contrastive head alone; it needs first_stage=contrastive")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"eval.subset must be a positive number of images (or null), got {self.subset}")
 
 
 @dataclass

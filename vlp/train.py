@@ -19,8 +19,11 @@ import torch
 
 from vlp import config as config_lib
 from vlp.config import ExperimentConfig
+from vlp.utils.checkpoint import CheckpointError, read_checkpoint
 
 log = logging.getLogger("vlp")
+
+RESUMABLE = "a Lightning training checkpoint of this run (state_dict, optimizer_states, global_step)"
 
 
 def build_model(cfg: ExperimentConfig):
@@ -30,18 +33,34 @@ def build_model(cfg: ExperimentConfig):
 
 
 def build_datamodule(cfg: ExperimentConfig):
+    """The data module, masking with the model's rule (``model.masking``: the paper's MLM rule)."""
     from vlp.data.datamodule import ShardDataModule
 
-    return ShardDataModule(cfg.data)
+    return ShardDataModule(cfg.data, masking=getattr(cfg.model, "masking", None))
+
+
+def data_for_model(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config whose data section decodes what the model reads (DESIGN §5): images only for a model that reads
+    pixels, regions.npz for one that reads regions."""
+    import dataclasses
+
+    from vlp.models import model_class
+
+    if cfg.model is None:
+        return cfg
+    reads = model_class(cfg.model.name).READS
+    data = dataclasses.replace(cfg.data, images="pixels" in reads, regions=cfg.data.regions or "regions" in reads)
+    return dataclasses.replace(cfg, data=data)
 
 
 def resolve(cfg: ExperimentConfig):
-    """The datamodule, and the config with its tokenizer-dependent ``null`` fields filled (vocabulary size,
-    special ids), which is what gets saved as the run's config.yaml."""
+    """The datamodule, and the config with its data section matched to the model and its tokenizer-dependent
+    ``null`` fields filled (vocabulary size), which is what gets saved as the run's config.yaml."""
     import dataclasses
 
     from vlp.models import bind_tokenizer
 
+    cfg = data_for_model(cfg)
     dm = build_datamodule(cfg)
     if cfg.model is not None:
         cfg = dataclasses.replace(cfg, model=bind_tokenizer(cfg.model, dm.tokenizer))
@@ -191,26 +210,45 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
     return [ckpt, FlushMetricsOnCheckpoint()]
 
 
+def _batches_per_rank(cfg: ExperimentConfig, trainer: L.Trainer, dm) -> int:
+    """The training loader's length on one rank (known from index.json, for the trainer's world size)."""
+    return len(type(dm)(cfg.data, tokenizer=dm.tokenizer, rank=0, world_size=trainer.world_size).build_train_stream())
+
+
 def total_steps(cfg: ExperimentConfig, trainer: L.Trainer, dm) -> int:
-    """Optimizer steps of the run, for the schedule: ``max_steps``, else epochs x the loader's length per rank (known
-    from index.json, for the trainer's world size) / gradient accumulation."""
+    """Optimizer steps of the run, for the schedule: ``max_steps``, else epochs x the loader's length per rank /
+    gradient accumulation."""
     t = cfg.trainer
     if t.max_steps > 0:
         return t.max_steps
-    per_rank = len(type(dm)(cfg.data, tokenizer=dm.tokenizer, rank=0, world_size=trainer.world_size)
-                   .build_train_stream())
-    return max(1, per_rank * (t.max_epochs or 1) // t.accumulate_grad_batches)
+    return max(1, _batches_per_rank(cfg, trainer, dm) * (t.max_epochs or 1) // t.accumulate_grad_batches)
+
+
+def bind_schedule(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm) -> None:
+    """Give the module what its lr schedule needs from the run: the total steps, and for the per-epoch
+    ``tcl_official`` schedule the optimizer steps per epoch when ``optim.steps_per_epoch`` is 0 (Lightning steps
+    the optimizer on an epoch's last batch too, hence the rounding up)."""
+    import dataclasses
+    import math
+
+    module.total_steps = total_steps(cfg, trainer, dm)
+    optim = module.optim_cfg
+    if optim.schedule == "tcl_official" and optim.steps_per_epoch == 0:
+        per_epoch = math.ceil(_batches_per_rank(cfg, trainer, dm) / cfg.trainer.accumulate_grad_batches)
+        module.optim_cfg = dataclasses.replace(optim, steps_per_epoch=max(1, per_epoch))
 
 
 def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm, resume: Path | None) -> None:
     """``trainer.fit`` (from ``resume`` when given: metrics.csv trimmed to its step), then the loss plot."""
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        # The run directory's file is checked by the safe reader first, so a damaged or code-carrying checkpoint is
+        # refused with its name before Lightning reads it (which it then does with weights_only=True as well).
+        state = read_checkpoint(resume, expect=RESUMABLE, require=("optimizer_states", "global_step"))
         restore_metrics(cfg.run_dir / "metrics.csv", state)
         del state
         print(f"resuming from {resume}")
     fit_module = torch.compile(module) if cfg.trainer.compile else module
-    trainer.fit(fit_module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    trainer.fit(fit_module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         from vlp.plots import plot_losses
 
@@ -225,7 +263,7 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     if cfg.trainer.gradient_checkpointing:
         enable_grad_checkpointing(model)
     trainer = _trainer(cfg, cfg.run_dir, run_callbacks(cfg))
-    model.total_steps = total_steps(cfg, trainer, dm)
+    bind_schedule(cfg, model, trainer, dm)
     fit(cfg, model, trainer, dm, resume)
     if evaluate_after and getattr(cfg.data, cfg.eval.split, None):
         from vlp.eval.run import evaluate_retrieval_run
@@ -249,7 +287,7 @@ def finetune(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     if cfg.trainer.gradient_checkpointing:
         enable_grad_checkpointing(task.model)
     trainer = _trainer(cfg, cfg.run_dir, run_callbacks(cfg))
-    task.total_steps = total_steps(cfg, trainer, dm)
+    bind_schedule(cfg, task, trainer, dm)
     fit(cfg, task, trainer, dm, resume)
     if evaluate_after:
         task_lib.evaluate_run(cfg, task, dm, trainer)
@@ -261,11 +299,12 @@ def evaluate(cfg: ExperimentConfig) -> dict:
     from vlp.eval.run import evaluate_retrieval_run
 
     ckpt = Path(cfg.ckpt) if cfg.ckpt else find_resume_checkpoint(cfg.run_dir)
-    if ckpt is None or not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint to evaluate: ckpt={cfg.ckpt!r} and none in {cfg.run_dir}/checkpoints")
+    if ckpt is None:
+        raise CheckpointError(cfg.run_dir / "checkpoints", "no checkpoint to evaluate (ckpt=null and none in the run)",
+                              "ckpt=PATH or a run directory with checkpoints/*.ckpt")
+    state = read_checkpoint(ckpt)  # before building anything: a bad file fails fast, naming itself
     cfg, dm = resolve(cfg)
     model = build_model(cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{ckpt}: state_dict does not fit the model: missing {missing[:5]}, unexpected "

@@ -1,5 +1,6 @@
-"""Shared encoder blocks: vision tower (timm ViT / CLIP-ViT), text tower (HF BERT/RoBERTa with fusion layers and MLM
-head), two-stream co-attention fusion with bridge layers, heads, momentum (EMA) twins and feature queues.
+"""Shared encoder blocks: vision tower (timm ViT / CLIP-ViT), BERT parts (embeddings, plain and cross-attending layer
+stacks, MLM head, pretrained loading by layer range), text towers built from them (HF BERT/RoBERTa with fusion layers
+and MLM head), two-stream co-attention fusion with bridge layers, heads, momentum (EMA) twins and feature queues.
 
 Names are imported lazily, so ``import vlp.blocks.momentum`` (or ``heads``) does not pay for timm/transformers.
 """
@@ -16,6 +17,16 @@ _EXPORTS = {
     "load_vision_state_dict": "vision",
     "TextConfig": "text",
     "TextTower": "text",
+    "TextEncoder": "text",
+    "BertStack": "bert",
+    "LayerStack": "bert",
+    "CrossLayerStack": "bert",
+    "bert_layer": "bert",
+    "text_embeddings": "bert",
+    "BertCheckpoint": "bert_pretrained",
+    "load_bert_embeddings": "bert_pretrained",
+    "load_bert_layers": "bert_pretrained",
+    "load_mlm_head": "bert_pretrained",
     "MLMHead": "text",
     "MASK_VALUE": "text",
     "additive_mask": "text",

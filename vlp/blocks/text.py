@@ -1,11 +1,14 @@
-"""Text tower: HF BERT / RoBERTa layers, the top ``fusion_layers`` of which cross-attend to image tokens (ALBEF/TCL's
-xbert), plus an MLM head.
+"""Text towers composed from the BERT parts of ``vlp.blocks.bert``: :class:`TextEncoder` (embeddings + a plain
+BERT/RoBERTa layer stack) and :class:`TextTower` (ALBEF/TCL's xbert: the top ``fusion_layers`` layers cross-attend
+to image tokens, plus an MLM head).
 
-One stack of L transformers ``BertLayer``s. Layers ``0 .. F-1`` (F = L - fusion_layers, ``fusion_start``) are
-text-only; layers ``F .. L-1`` are fusion layers: self-attention, cross-attention to the image tokens (K/V
-``Linear(encoder_width -> hidden)``), FFN. Modes: ``text`` runs layers 0..F-1 on the embeddings, ``fusion`` runs
-F..L-1 from given text states with image tokens, ``multimodal`` runs all. With ``fusion_layers=0`` it is a plain
-BERT/RoBERTa encoder (BridgeTower's uni-modal text tower).
+``TextTower`` = :func:`~vlp.blocks.bert.text_embeddings` -> :class:`~vlp.blocks.bert.LayerStack` (layers
+``0 .. F-1``, F = L - fusion_layers = ``fusion_start``) -> :class:`~vlp.blocks.bert.CrossLayerStack` (layers
+``F .. L-1``: self-attention, cross-attention to the image tokens with K/V ``Linear(encoder_width -> hidden)``,
+FFN) -> :class:`~vlp.blocks.bert.MLMHead`. The two stacks are joined into one numbering (``encoder.layer.N``) so
+that the keys stay those of the official xbert. Modes: ``text`` runs layers 0..F-1 on the embeddings, ``fusion``
+runs F..L-1 from given text states with image tokens, ``multimodal`` runs all. :class:`TextEncoder` is the
+text-only tower (BridgeTower's uni-modal RoBERTa): the same keys, no cross layers, no MLM head.
 
 Parameter names (prefix-renames of the official xbert / HF ones):
 
@@ -15,17 +18,15 @@ Parameter names (prefix-renames of the official xbert / HF ones):
 
 official TCL/ALBEF ``text_encoder.bert.`` -> ``<tower>.``, ``text_encoder.cls.predictions.`` -> ``<tower>.mlm_head.``
 (``cls.predictions.decoder.bias`` duplicates ``cls.predictions.bias`` and ``embeddings.position_ids`` is a constant,
-non-persistent buffer here: both are dropped). HF checkpoints load by name or path with :meth:`TextTower.load_pretrained`
-(``bert.``/``roberta.`` -> ``""``, ``cls.predictions.`` / ``lm_head.`` -> ``mlm_head.``).
+non-persistent buffer here: both are dropped). HF checkpoints load by name or path with ``load_pretrained``, built on
+``vlp.blocks.bert_pretrained`` (``bert.``/``roberta.`` -> ``""``, ``cls.predictions.`` / ``lm_head.`` ->
+``mlm_head.``); its ``load_bert_layers`` loads any slice of a checkpoint's layers into a stack.
 
-Attention masks are additive with ``MASK_VALUE = -10000`` (the official xbert value) in the hidden states' dtype. For a
-row with at least one visible key this equals HF's dtype-min masks exactly in fp32 (exp(-10000) underflows to 0);
-a fully masked row gets uniform attention over its keys instead of NaN, as in the official code.
+Attention masks are additive (``MASK_VALUE`` = -10000, :func:`additive_mask`; see ``vlp.blocks.bert``).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -33,16 +34,16 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .bert import ARCHS as _ARCHS
+from .bert import MASK_VALUE, BertStack, CrossLayerStack, LayerStack, MLMHead, additive_mask, text_embeddings
+from .bert_pretrained import BertCheckpoint, load_bert_embeddings, load_bert_layers, load_mlm_head
 from .heads import init_bert_weights
 
-__all__ = ["TextConfig", "TextTower", "MLMHead", "MASK_VALUE", "additive_mask"]
+__all__ = ["TextConfig", "TextEncoder", "TextTower", "MLMHead", "MASK_VALUE", "additive_mask", "build_hf_config"]
 
 log = logging.getLogger(__name__)
 
-MASK_VALUE = -10000.0
-_ARCHS = ("bert", "roberta")
 MODES = ("text", "fusion", "multimodal")
 
 
@@ -100,13 +101,6 @@ class TextConfig:
                       **overrides})
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, N] keep-mask (1/True = attend) -> [B, 1, 1, N] additive mask (0 or ``MASK_VALUE``)."""
-    if mask.dim() != 2:
-        raise ValueError(f"attention mask must be [batch, length], got shape {tuple(mask.shape)}")
-    return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
-
-
 def build_hf_config(cfg: TextConfig):
     """The transformers config (``BertConfig``/``RobertaConfig``) of the tower: ``name``'s or the class default,
     with ``cfg``'s non-None architecture fields applied; always an encoder (no decoder, no cross-attention)."""
@@ -137,35 +131,105 @@ def build_hf_config(cfg: TextConfig):
     return hf
 
 
-class MLMHead(nn.Module):
-    """BERT's MLM head (``BertOnlyMLMHead`` math): ``decoder(LN(act(dense(h)))) + bias``.
+def _resolve_config(config: TextConfig | None, fields: dict) -> TextConfig:
+    cfg = config if config is not None else TextConfig()
+    return dataclasses.replace(cfg, **fields) if fields else cfg
 
-    ``decoder`` has no bias of its own (HF/xbert tie ``decoder.bias`` to ``bias``; one parameter here). Tie the
-    decoder weight by assigning it (``TextTower`` does when ``tie_mlm``)."""
 
-    def __init__(self, hidden: int, vocab_size: int, ln_eps: float = 1e-12, act: str = "gelu"):
+class _TextStates(nn.Module):
+    """What both towers share: ``embeddings`` + ``encoder`` (a :class:`~vlp.blocks.bert.BertStack`), their sizes,
+    activation checkpointing, and loading embeddings + every layer from one HF checkpoint."""
+
+    config: TextConfig
+    hf_config: object
+    arch: str
+    embeddings: nn.Module
+    encoder: BertStack
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.depth
+
+    @property
+    def hidden(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.encoder.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids -> [B, T, H] embeddings (word + position + token type, LayerNorm, dropout)."""
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+
+    def _load_checkpoint(self, name_or_path: str) -> BertCheckpoint:
+        """Read ``name_or_path`` and load its embeddings and layers 0..L-1; returns the checkpoint for the heads."""
+        ckpt = BertCheckpoint.load(name_or_path, arch=self.arch)
+        if ckpt.num_layers != self.num_layers:
+            raise ValueError(f"{name_or_path}: the checkpoint has {ckpt.num_layers} layers, the tower "
+                             f"{self.num_layers} (text.layers); load a slice with "
+                             f"vlp.blocks.bert_pretrained.load_bert_layers(stack, path, layers=range(a, b))")
+        load_bert_embeddings(self.embeddings, ckpt)
+        load_bert_layers(self.encoder, ckpt, range(self.num_layers))
+        return ckpt
+
+
+class TextEncoder(_TextStates):
+    """Text-only BERT/RoBERTa encoder: embeddings + one plain :class:`~vlp.blocks.bert.LayerStack` (BridgeTower's
+    uni-modal text tower). Keys ``embeddings.*``, ``encoder.layer.N.*`` as :class:`TextTower`'s; no cross layers, no
+    MLM head (``TextConfig.mlm_head`` / ``tie_mlm`` / ``encoder_width`` are not used; ``fusion_layers`` must be 0).
+
+    * ``embed(input_ids, token_type_ids=None, position_ids=None) -> [B, T, H]``
+    * ``run_layers(hidden, attention_mask, start=0, end=None, all_layers=False)``: a slice of the stack, or with
+      ``all_layers`` the tuple of every layer's output [B, T, H]
+    * ``forward(input_ids, attention_mask, token_type_ids=None, position_ids=None) -> [B, T, H]`` (= ``forward_text``)
+    """
+
+    def __init__(self, config: TextConfig | None = None, **fields):
         super().__init__()
-        from transformers import BertConfig
-        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+        cfg = _resolve_config(config, fields)
+        if cfg.fusion_layers:
+            raise ValueError(f"text.fusion_layers={cfg.fusion_layers}: TextEncoder has no fusion layers "
+                             f"(use TextTower, or set fusion_layers=0)")
+        self.config = cfg
+        hf = build_hf_config(cfg)
+        self.hf_config = hf
+        self.arch = hf.model_type
+        self.embeddings = text_embeddings(hf)
+        self.encoder = LayerStack(hf, hf.num_hidden_layers, grad_checkpointing=cfg.grad_checkpointing)
+        init_bert_weights(self, hf.initializer_range)
+        if cfg.pretrained:
+            self.load_pretrained(cfg.name)
 
-        self.transform = BertPredictionHeadTransform(
-            BertConfig(hidden_size=hidden, vocab_size=vocab_size, layer_norm_eps=ln_eps, hidden_act=act))
-        self.decoder = nn.Linear(hidden, vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0, end: int | None = None,
+                   all_layers: bool = False):
+        """Layers ``start .. end-1`` on ``hidden`` [B, T, H]; the last output or every layer's (``all_layers``)."""
+        return self.encoder(hidden, attention_mask, all_layers=all_layers, start=start, end=end)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden_states)) + self.bias
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run_layers(self.embed(input_ids, token_type_ids, position_ids), attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_text(input_ids, attention_mask, token_type_ids, position_ids)
+
+    def load_pretrained(self, name_or_path: str) -> None:
+        """Load HF BERT/RoBERTa weights by hub name or local path into the embeddings and every layer (the
+        checkpoint's MLM head, if any, is not used)."""
+        self._load_checkpoint(name_or_path)
 
 
-class _LayerStack(nn.Module):
-    """Holds ``layer`` (a ModuleList) so that keys read ``encoder.layer.N.*`` as in BERT."""
-
-    def __init__(self, layers: list[nn.Module]):
-        super().__init__()
-        self.layer = nn.ModuleList(layers)
-
-
-class TextTower(nn.Module):
+class TextTower(_TextStates):
     """BERT/RoBERTa text encoder with optional top fusion layers and MLM head. ``TextTower(config)`` or
     ``TextTower(**fields)`` or both (fields override the config).
 
@@ -175,7 +239,7 @@ class TextTower(nn.Module):
     * ``forward(input_ids, attention_mask, image_tokens=None, image_mask=None, mode=None, ...) -> [B, T, H]``
       (mode ``text`` | ``multimodal``; None: multimodal when image tokens are given and fusion layers exist)
     * ``run_layers(hidden, attention_mask, start, end, image_tokens=None, image_mask=None, all_layers=False)``:
-      any slice of the stack, optionally returning every layer's output (BridgeTower's per-layer text states)
+      any slice of the stack, optionally returning every layer's output
     * ``mlm_logits(hidden) -> [B, T, vocab]``
 
     ``attention_mask`` / ``image_mask``: [B, T] / [B, N], 1 (or True) = attend.
@@ -183,8 +247,7 @@ class TextTower(nn.Module):
 
     def __init__(self, config: TextConfig | None = None, **fields):
         super().__init__()
-        cfg = config if config is not None else TextConfig()
-        cfg = dataclasses.replace(cfg, **fields) if fields else cfg
+        cfg = _resolve_config(config, fields)
         self.config = cfg
         hf = build_hf_config(cfg)
         self.hf_config = hf
@@ -193,51 +256,22 @@ class TextTower(nn.Module):
         if cfg.fusion_layers > n_layers:
             raise ValueError(f"text.fusion_layers={cfg.fusion_layers} exceeds the {n_layers} layers")
         self.fusion_start = n_layers - cfg.fusion_layers
-        self.hidden = hf.hidden_size
         self.encoder_width = cfg.encoder_width or hf.hidden_size
 
-        from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
-        from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
-
-        self.embeddings = (BertEmbeddings if self.arch == "bert" else RobertaEmbeddings)(hf)
-        # RoBERTa's layers are BERT's layers (same modules, names and math); only the embeddings differ.
-        cross_cfg = copy.deepcopy(hf)
-        cross_cfg.is_decoder = True  # BertLayer only builds cross-attention for decoder configs ...
-        cross_cfg.add_cross_attention = True
-        layers = []
-        for i in range(n_layers):
-            if i < self.fusion_start:
-                layers.append(BertLayer(hf, layer_idx=i))
-                continue
-            layer = BertLayer(cross_cfg, layer_idx=i)
-            layer.attention.self.is_causal = False  # ... but our self-attention stays bidirectional
-            if self.encoder_width != self.hidden:
-                xattn = layer.crossattention.self
-                xattn.key = nn.Linear(self.encoder_width, xattn.all_head_size)
-                xattn.value = nn.Linear(self.encoder_width, xattn.all_head_size)
-            layers.append(layer)
-        self.encoder = _LayerStack(layers)
+        # Construction order (embeddings, text layers, fusion layers, head) fixes the init's random stream.
+        self.embeddings = text_embeddings(hf)
+        text = LayerStack(hf, self.fusion_start)
+        fusion = CrossLayerStack(hf, cfg.fusion_layers, self.encoder_width, layer_offset=self.fusion_start)
+        self.encoder = BertStack.concat(text, fusion, grad_checkpointing=cfg.grad_checkpointing)
         self.mlm_head = MLMHead(hf.hidden_size, hf.vocab_size, hf.layer_norm_eps, hf.hidden_act) if cfg.mlm_head \
             else None
         init_bert_weights(self, hf.initializer_range)
         if self.mlm_head is not None and cfg.tie_mlm:
-            self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
-        self.grad_checkpointing = cfg.grad_checkpointing
+            self.mlm_head.tie(self.embeddings.word_embeddings)
         if cfg.pretrained:
             self.load_pretrained(cfg.name)
 
     # ---------------------------------------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.encoder.layer)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
-
     def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0, end: int | None = None,
                    image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
                    all_layers: bool = False):
@@ -251,20 +285,7 @@ class TextTower(nn.Module):
         if image_tokens is not None and image_tokens.shape[-1] != self.encoder_width:
             raise ValueError(f"image tokens are {image_tokens.shape[-1]} wide, the fusion layers expect "
                              f"encoder_width={self.encoder_width}")
-        mask = additive_mask(attention_mask, hidden.dtype)
-        img_mask = None if image_mask is None else additive_mask(image_mask, hidden.dtype)
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        outputs = []
-        for i in range(start, end):
-            layer = self.encoder.layer[i]
-            enc = image_tokens if i >= self.fusion_start else None
-            enc_mask = img_mask if i >= self.fusion_start else None
-            if use_ckpt:
-                hidden = checkpoint(layer, hidden, mask, enc, enc_mask, use_reentrant=False)
-            else:
-                hidden = layer(hidden, mask, enc, enc_mask)
-            outputs.append(hidden)
-        return tuple(outputs) if all_layers else hidden
+        return self.encoder.run(hidden, attention_mask, start, end, image_tokens, image_mask, all_layers)
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None = None,
@@ -309,40 +330,6 @@ class TextTower(nn.Module):
         """Load HF BERT/RoBERTa (masked-LM) weights by hub name or local path into the embeddings, all layers'
         self-attention and FFN, and the MLM head. Cross-attention keeps its fresh N(0, initializer_range) init (it
         is not in the checkpoint). A checkpoint without an MLM head gets transformers' fresh head."""
-        from transformers import BertForMaskedLM, RobertaForMaskedLM
-
-        hf_cls = BertForMaskedLM if self.arch == "bert" else RobertaForMaskedLM
-        hf_model = hf_cls.from_pretrained(name_or_path)
-        base = "bert." if self.arch == "bert" else "roberta."
-        head_map = ({"cls.predictions.transform.": "mlm_head.transform.", "cls.predictions.": "mlm_head."}
-                    if self.arch == "bert" else
-                    {"lm_head.dense.": "mlm_head.transform.dense.",
-                     "lm_head.layer_norm.": "mlm_head.transform.LayerNorm.", "lm_head.": "mlm_head."})
-        mapped = {}
-        for key, value in hf_model.state_dict().items():
-            if key.startswith(base + "pooler.") or key.endswith("decoder.bias"):
-                continue
-            if key.startswith(base):
-                mapped[key[len(base):]] = value
-                continue
-            if self.mlm_head is None:
-                continue
-            for src, dst in head_map.items():
-                if key.startswith(src):
-                    mapped[dst + key[len(src):]] = value
-                    break
-            else:
-                raise KeyError(f"{name_or_path}: unexpected key {key!r}")
-        own = self.state_dict()
-        for key, value in mapped.items():
-            if key in own and own[key].shape != value.shape:
-                raise ValueError(f"{name_or_path}: {key} has shape {tuple(value.shape)}, the tower expects "
-                                 f"{tuple(own[key].shape)} (check the TextConfig size fields)")
-        if self.config.tie_mlm and self.mlm_head is not None:
-            mapped.pop("mlm_head.decoder.weight", None)  # tied: the word embeddings are loaded
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
-        missing = [k for k in missing if ".crossattention." not in k
-                   and not (self.config.tie_mlm and k == "mlm_head.decoder.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{name_or_path}: missing {missing}, unexpected {unexpected}")
-        del hf_model
+        ckpt = self._load_checkpoint(name_or_path)
+        if self.mlm_head is not None:
+            load_mlm_head(self.mlm_head, ckpt)

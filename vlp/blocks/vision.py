@@ -136,22 +136,18 @@ def load_vision_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ViT state dict from ``.safetensors`` or a torch file; unwrap ``model``/``state_dict``/``module``
     containers; strip ``module.``; keep only the ViT when the file holds a whole model (keys under
     ``visual_encoder.``, ``vision.vit.`` or ``vit.``); drop classifier keys (``head.*``, ``head_dist.*``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"vision checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from vlp.utils.checkpoint import CheckpointError, read_weights
 
-        sd: Any = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    what = "a ViT state dict (model.vision.checkpoint: .safetensors, .pth or .pt)"
+    sd: Any = read_weights(path, what=what)  # never runs code from the file
     while isinstance(sd, dict):
         inner = next((sd[k] for k in ("model", "state_dict", "module") if isinstance(sd.get(k), dict)), None)
         if inner is None:
             break
         sd = inner
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: no state dict of tensors found")
+        raise CheckpointError(path, "no state dict of tensors found", what)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     for prefix in ("visual_encoder.", "vision.vit.", "vit."):

@@ -1,7 +1,7 @@
 """BridgeTower checkpoints -> vlp ``BridgeTower``: transformers' ``save_pretrained`` directories, the official
 repository's Lightning checkpoints, and OpenAI CLIP image towers.
 
-Every file is read without executing code: safetensors, or ``torch.load(weights_only=True)``.
+Every file is read without executing code (``vlp.convert.common``: safetensors, or ``torch.load(weights_only=True)``).
 
 Key map: transformers (``bridgetower.`` prefix stripped) | official (``state_dict`` of the Lightning .ckpt) -> vlp.
 ``{i}`` a CLIP block, ``{l}`` a cross layer, ``{m}`` a bridge (``link_tower.{m}`` feeds cross layer m+1), ``{t}`` text
@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +55,13 @@ import torch
 
 from vlp.blocks.text import TextConfig
 from vlp.blocks.vision import VisionConfig
+from vlp.convert.common import (CheckpointError, check_fit, layer_indices, load_file, read_hf_weights,
+                                rename_by_prefix, report_skipped, tensor_dict, unknown_keys_error)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["clip_visual_to_timm", "convert_hf", "build_config_from_hf", "load_hf", "convert_official",
-           "build_config_from_official", "load_official", "safe_torch_load", "build_module"]
+           "build_config_from_official", "load_official", "build_module"]
 
 _CLIP_BLOCK = [("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
                ("attn.out_proj.", "attn.proj."), ("ln_1.", "norm1."), ("ln_2.", "norm2."),
@@ -82,51 +83,6 @@ _CROSS = [  # shared by transformers and the official code; the first match wins
     ("vqa_classifier.", "vqa_head."),
 ]
 _UNSUPPORTED_HEADS = ("nlvr2_classifier.", "snli_classifier.", "rank_output.", "itc_cross_modal_head.", "logit_scale")
-
-
-# --------------------------------------------------------------------------------------------------- reading ---
-def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, with a clear error when the file holds other objects."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{path}: refused to load: it holds objects other than tensors and plain containers, and vlp reads "
-            f"checkpoints with torch.load(weights_only=True), which never runs code from the file ({first}). If "
-            f"you trust the file, re-save just its tensors (e.g. {{'state_dict': ckpt['state_dict']}}) and convert "
-            f"that.") from None
-
-
-def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = safe_torch_load(path)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
-
-
-def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = src / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd: dict[str, torch.Tensor] = {}
-            for name in files:
-                sd.update(_read_state_dict_file(src / name))
-            return sd
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (src / name).is_file():
-            return _read_state_dict_file(src / name)
-    raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin (a transformers save_pretrained "
-                            f"directory was expected)")
 
 
 # ------------------------------------------------------------------------------------------------- CLIP ViT ---
@@ -187,18 +143,17 @@ def _clip_vision_config(sd: dict[str, torch.Tensor], heads: int | None = None, l
 # ----------------------------------------------------------------------------------------- the common mapping ---
 def _map_fusion_and_heads(key: str, value: torch.Tensor, out: dict, skipped: list) -> bool:
     """Cross-modal, token-type and head keys (same names in transformers and the official code)."""
-    for old, new in _CROSS:
-        if key.startswith(old):
-            ours = new + key[len(old):]
-            if ours.endswith(".scaled_factor"):
-                ours, value = ours[: -len("scaled_factor")] + "scale", value.reshape(1)
-            elif "_bridges." in ours and ours.endswith(".beta"):
-                value = value.reshape(1)
-            elif ours == "token_type_embeddings.weight" and value.shape[0] > 2:
-                log.warning("token_type_embeddings has %d rows (NLVR2); keeping the first 2", value.shape[0])
-                value = value[:2]
-            out[ours] = value
-            return True
+    ours = rename_by_prefix(key, _CROSS)
+    if ours is not None:
+        if ours.endswith(".scaled_factor"):
+            ours, value = ours[: -len("scaled_factor")] + "scale", value.reshape(1)
+        elif "_bridges." in ours and ours.endswith(".beta"):
+            value = value.reshape(1)
+        elif ours == "token_type_embeddings.weight" and value.shape[0] > 2:
+            log.warning("token_type_embeddings has %d rows (NLVR2); keeping the first 2", value.shape[0])
+            value = value[:2]
+        out[ours] = value
+        return True
     if key == "temperature":
         out["itc_temp.value"] = value.reshape(1).float()
         return True
@@ -212,12 +167,6 @@ def _text_key(rest: str, out: dict, value: torch.Tensor) -> None:
     if rest.startswith("pooler.") or rest.endswith(("position_ids", "embeddings.token_type_ids")):
         return
     out["text." + rest] = value
-
-
-def _report_skipped(skipped: list, source: str) -> None:
-    if skipped:
-        heads = sorted({k.split(".")[0] for k in skipped})
-        log.warning("%s: not converted (no vlp BridgeTower counterpart): %s", source, ", ".join(heads))
 
 
 # ------------------------------------------------------------------------------------------------ transformers ---
@@ -237,12 +186,11 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         elif not _map_fusion_and_heads(k, value, out, skipped):
             unknown.append(key)
     if unknown:
-        raise KeyError(f"transformers BridgeTower state dict: no vlp home for {unknown[:8]}"
-                       f"{' ...' if len(unknown) > 8 else ''}")
+        raise unknown_keys_error(unknown, "transformers BridgeTower state dict")
     if any(k.startswith("ln_separate.") for k in vision):
         raise NotImplementedError("vision_config.share_layernorm=False (one ln_separate per layer) is not supported")
     out.update({"vision.vit." + k: v for k, v in clip_visual_to_timm(vision).items()})
-    _report_skipped(skipped, "transformers checkpoint")
+    report_skipped(skipped, "transformers BridgeTower checkpoint")
     return out
 
 
@@ -302,15 +250,13 @@ def build_config_from_hf(hf_config):
         cross_heads=get_t("num_attention_heads", 12), cross_intermediate=get_t("intermediate_size", 3072),
         cross_dropout=get_t("hidden_dropout_prob", 0.1), cross_ln_eps=get_t("layer_norm_eps", 1e-5),
         bridge=d.get("link_tower_type", "add"), bridge_ln_eps=eps, mlm_ln_eps=eps,
-        pad_token_id=get_t("pad_token_id", 1), cls_token_id=get_t("bos_token_id", 0),
-        sep_token_id=get_t("eos_token_id", 2), mask_token_id=vocab - 1,  # RoBERTa's <mask> is its last token
         loss_weights={"mlm": 1.0, "itm": 1.0, "itc": 0.0})
 
 
 def convert_hf(src_dir: str | Path) -> dict[str, torch.Tensor]:
     """The vlp state dict of a transformers ``save_pretrained`` directory (BridgeTowerModel, ForMaskedLM or
     ForImageAndTextRetrieval). Heads the class does not have are left out (the module keeps its fresh ones)."""
-    sd = convert_hf_state_dict(_read_hf_weights(Path(src_dir)))
+    sd = convert_hf_state_dict(read_hf_weights(src_dir))
     if "mlm_head.transform.dense.weight" in sd and "mlm_head.decoder.weight" not in sd:
         sd["mlm_head.decoder.weight"] = sd["text.embeddings.word_embeddings.weight"]  # tied in that save
     return sd
@@ -320,16 +266,16 @@ def load_hf(src_dir: str | Path):
     """``(BridgeTowerConfig, vlp state dict)`` of a transformers ``save_pretrained`` directory."""
     src = Path(src_dir)
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json (a transformers save_pretrained directory was expected)")
+        raise CheckpointError(src, "no config.json", "a transformers save_pretrained directory")
     return build_config_from_hf(src / "config.json"), convert_hf(src)
 
 
 # ------------------------------------------------------------------------------------------------- official ---
+OFFICIAL = "an official BridgeTower Lightning checkpoint ({'state_dict': ...})"
+
+
 def _official_state_dict(ckpt: Any, path) -> dict[str, torch.Tensor]:
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected an official BridgeTower Lightning checkpoint ({{'state_dict': ...}})")
-    return sd
+    return tensor_dict(ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None, path, OFFICIAL)
 
 
 def convert_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -350,19 +296,13 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
         elif not _map_fusion_and_heads(k, value, out, skipped):
             unknown.append(key)
     if unknown:
-        raise KeyError(f"official BridgeTower state dict: no vlp home for {unknown[:8]}"
-                       f"{' ...' if len(unknown) > 8 else ''}")
+        raise unknown_keys_error(unknown, "official BridgeTower state dict")
     if any(k.startswith("ln_separate.") for k in vision):
         log.warning("official checkpoint holds ln_separate.*; vlp uses the shared ln_post (vit_layernorm_shared=True,"
                     " the published setting) and drops them")
     out.update({"vision.vit." + k: v for k, v in clip_visual_to_timm(vision).items()})
-    _report_skipped(skipped, "official checkpoint")
+    report_skipped(skipped, "official BridgeTower checkpoint")
     return out
-
-
-def _count(sd: dict, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return len({m.group(1) for k in sd for m in [pattern.match(k)] if m})
 
 
 def build_config_from_official(ckpt: dict, path="checkpoint"):
@@ -383,8 +323,8 @@ def build_config_from_official(ckpt: dict, path="checkpoint"):
     vocab, text_hidden = words.shape
     dropout = float(hp.get("drop_rate", 0.1))
     text = TextConfig(
-        arch="roberta", vocab_size=vocab, hidden=text_hidden, layers=_count(sd, "text_transformer.encoder.layer."),
-        heads=max(1, text_hidden // 64),
+        arch="roberta", vocab_size=vocab, hidden=text_hidden,
+        layers=len(layer_indices(sd, "text_transformer.encoder.layer.")), heads=max(1, text_hidden // 64),
         intermediate=sd["text_transformer.encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position=sd["text_transformer.embeddings.position_embeddings.weight"].shape[0],
         type_vocab_size=sd["text_transformer.embeddings.token_type_embeddings.weight"].shape[0], ln_eps=1e-5,
@@ -401,21 +341,21 @@ def build_config_from_official(ckpt: dict, path="checkpoint"):
         extra["num_answers"] = sd["vqa_classifier.3.weight"].shape[0]
         extra["vqa_hidden_scale"] = sd["vqa_classifier.0.weight"].shape[0] // sd["vqa_classifier.0.weight"].shape[1]
     return BridgeTowerConfig(
-        vision=vision, text=text, num_cross_layers=_count(sd, "cross_modal_text_layers."), hidden=hidden,
+        vision=vision, text=text, num_cross_layers=len(layer_indices(sd, "cross_modal_text_layers.")), hidden=hidden,
         cross_heads=int(hp.get("num_heads", max(1, hidden // 64))),
         cross_intermediate=sd["cross_modal_text_layers.0.intermediate.dense.weight"].shape[0],
         cross_dropout=dropout, cross_ln_eps=1e-12, bridge="add", bridge_ln_eps=1e-5, mlm_ln_eps=1e-12,
-        pad_token_id=1, cls_token_id=0, sep_token_id=2, mask_token_id=vocab - 1, loss_weights=weights, **extra)
+        loss_weights=weights, **extra)
 
 
 def convert_official(src: str | Path) -> dict[str, torch.Tensor]:
     """The vlp state dict of an official BridgeTower Lightning checkpoint (read with ``weights_only=True``)."""
-    return convert_official_state_dict(_official_state_dict(safe_torch_load(src), src))
+    return convert_official_state_dict(_official_state_dict(load_file(src, what=OFFICIAL), src))
 
 
 def load_official(src: str | Path):
     """``(BridgeTowerConfig, vlp state dict)`` of an official BridgeTower Lightning checkpoint."""
-    ckpt = safe_torch_load(src)
+    ckpt = load_file(src, what=OFFICIAL)
     return build_config_from_official(ckpt, src), convert_official_state_dict(_official_state_dict(ckpt, src))
 
 
@@ -426,12 +366,8 @@ def build_module(cfg, state_dict: dict[str, torch.Tensor]):
     from vlp.models.bridgetower import BridgeTower
 
     module = BridgeTower(cfg)
-    missing, unexpected = module.load_state_dict(state_dict, strict=False)
     heads = ("mlm_head.", "itm_head.", "itc_", "vqa_head.")
-    hard_missing = [k for k in missing if not k.startswith(heads)]
-    if hard_missing or unexpected:
-        raise KeyError(f"converted BridgeTower checkpoint does not fit the model: missing {hard_missing[:8]}, "
-                       f"unexpected {unexpected[:8]}")
+    missing = check_fit(module, state_dict, "BridgeTower", optional=lambda k: k.startswith(heads))
     if missing:
         log.warning("heads not in the source, left freshly initialised: %s",
                     ", ".join(sorted({k.split(".")[0] for k in missing})))

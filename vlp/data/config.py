@@ -1,4 +1,8 @@
-"""The ``data`` section of an experiment: which shards, how to batch, transform, tokenize and mask them."""
+"""The ``data`` section of an experiment: which shards, what to decode, how to batch, transform and tokenize them.
+
+The MLM masking rule is not here: it belongs to the model (``model.masking``, a ``vlp.data.masking.MaskingConfig``),
+which hands it to ``ShardDataModule(..., masking=...)``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vlp.config import register
+from vlp.data.text import CAPTION_PREPROCESS
+from vlp.data.transforms import RESIZES
 
 TASKS = ("pretrain", "vqa")
 
@@ -30,6 +36,10 @@ class ShardsDataConfig:
     num_workers: int = 0
     image_size: int = 64
     max_text_len: int = 32
+    eval_max_text_len: Optional[int] = None  # retrieval texts (encode_texts); None: max_text_len (TCL official: 30)
+    caption_preprocess: str = "none"  # none | albef (ALBEF/TCL pre_caption), in training and evaluation
+    max_words: int = 30  # albef: words kept per caption
+    resize: str = "square"  # eval / augment=none resize: square | short_side_crop (BridgeTower: short side + crop)
     augment: str = "none"  # none | albef | tcl (see vlp.data.transforms)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale=(crop_min_scale, 1): 0.2 pre-training, 0.5 fine-tuning
     hflip: bool = False  # captions speak of left and right: off by default
@@ -37,13 +47,12 @@ class ShardsDataConfig:
     normalize: str = "clip"  # clip | imagenet
     caption: str = "random"  # random | first: which caption of an image a training sample uses
     first_caption_prob: float = 0.0  # with caption=random: draw the first caption this often, else uniformly
-    mlm_probability: float = 0.15
-    whole_word_masking: bool = False
     resampled: bool = False  # infinite stream with replacement (no epochs)
     shuffle_buffer: int = 256
     seed: int = 0
     max_corrupt_ratio: float = 0.01  # stop the run when more than this fraction of samples is corrupt
     corrupt_min_samples: int = 100  # ... once a worker has read at least this many samples
+    images: bool = True  # decode the image member (false: region-only models; samples need no image)
     regions: bool = False  # load regions.npz (UNITER/MVPTR)
     # What a sample is: "pretrain" (an image and one of its captions, MLM-masked) or "vqa" (an image and one of its
     # questions with soft answer targets; see vlp.data.collate). Evaluation splits of a vqa config yield every question.
@@ -55,6 +64,19 @@ class ShardsDataConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task == "vqa" and self.hflip:
             raise ValueError("hflip=true with task=vqa: questions and answers speak of left and right; keep it off")
+        if not (self.images or self.regions):
+            raise ValueError("images=false and regions=false: a sample would carry nothing visual; set one of them")
+        if self.caption_preprocess not in CAPTION_PREPROCESS:
+            raise ValueError(f"caption_preprocess must be one of {', '.join(CAPTION_PREPROCESS)}, got "
+                             f"{self.caption_preprocess!r}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
+        if self.max_words < 1:
+            raise ValueError(f"max_words={self.max_words} must be >= 1")
+        for name in ("max_text_len", "eval_max_text_len"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name}={value} leaves no room for a token between [CLS] and [SEP]")
 
 
 register("data", "shards", ShardsDataConfig)

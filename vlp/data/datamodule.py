@@ -1,7 +1,10 @@
 """``ShardDataModule``: the ``data`` section (``ShardsDataConfig``) as a LightningDataModule with exact resume.
 
 Training batches come from ``vlp.data.stream.ShardStream`` (mixture, node/worker split, equal batches per rank,
-deterministic order, corrupt-sample accounting); see ``vlp.data.collate`` for the batch keys.
+deterministic order, corrupt-sample accounting); see ``vlp.data.collate`` for the batch keys. Training, validation,
+retrieval and VQA data all go through the same ``SampleProcessor`` + ``Collator``, so every entry point decodes
+exactly what the model reads (``data.images``, ``data.regions``) and pre-processes captions the same way; the MLM
+masking rule is the model's (``masking=``, a ``MaskingConfig``).
 
 Stream position (DESIGN §7). The batches carry ``stream_state``; the datamodule's ``on_before_batch_transfer`` hook,
 which Lightning calls on exactly the batches the training loop consumes (not on a prefetched one), records the
@@ -25,17 +28,18 @@ from typing import Optional
 
 import lightning as L
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 
-from vlp.data.collate import IMAGE_EXTS, Collator, SampleProcessor, stable_image_id
+from vlp.data.collate import Collator, SampleProcessor
 from vlp.data.config import ShardsDataConfig
+from vlp.data.masking import MaskingConfig
 from vlp.data.shards import ShardFormatError, read_index
-from vlp.data.stream import (CorruptCounter, CorruptSample, ShardEvalStream, ShardStream, Source)
+from vlp.data.stream import ShardEvalStream, ShardStream, Source
+from vlp.data.text import TextTokenizer
 from vlp.data.tokenizer import load_tokenizer
 from vlp.data.transforms import build_transform
 
-RETRIEVAL_TENSOR_BUDGET = 2 << 30  # bytes: above this, retrieval images are re-read lazily instead of kept
+RETRIEVAL_TENSOR_BUDGET = 2 << 30  # bytes: above this, retrieval batches are re-read lazily instead of kept
 
 
 def resolve_tokenizer(cfg: ShardsDataConfig) -> str:
@@ -134,61 +138,80 @@ class _StreamLoader(DataLoader):
 
 
 class RetrievalData(tuple):
-    """``(images, texts, txt2img, img2txt)``; also ``.keys`` and ``.image_ids`` of the images, in order."""
+    """A retrieval split, in shard order. Unpacks as ``(visuals, texts, txt2img, img2txt)``: ``visuals`` (a
+    :class:`RetrievalVisuals`: collated batches of the images, ``len()`` = number of images), ``texts`` (every
+    caption of every image, pre-processed), ``txt2img[t]`` (the image of text ``t``), ``img2txt[i]`` (the texts of
+    image ``i``); ``.keys`` and ``.image_ids`` of the images (and every part by name) as attributes."""
 
-    keys: list
-    image_ids: list
-
-    def __new__(cls, images, texts, txt2img, img2txt, keys, image_ids):
-        obj = super().__new__(cls, (images, texts, txt2img, img2txt))
+    def __new__(cls, visuals, texts, txt2img, img2txt, keys, image_ids):
+        obj = super().__new__(cls, (visuals, texts, txt2img, img2txt))
         obj.keys, obj.image_ids = keys, image_ids
         return obj
 
+    visuals = property(lambda self: self[0])
+    texts = property(lambda self: self[1])
+    txt2img = property(lambda self: self[2])
+    img2txt = property(lambda self: self[3])
 
-class RetrievalImages:
-    """Lazily re-read retrieval images (for sets too big to hold): iterating yields float tensors [b, 3, S, S] in
-    order, ``len()`` is the number of images."""
 
-    def __init__(self, shards: list[str], keys: list[str], transform, batch_size: int):
-        self.shards, self.keys, self.transform, self.batch_size = shards, keys, transform, batch_size
+class RetrievalVisuals:
+    """The images of a retrieval split as the model reads them: iterating yields, in order, the eval stream's
+    collated batches (``image`` and/or ``region_*``, ``image_ids``, ``keys``; ``Visual.from_batch`` reads them).
+
+    The first pass (``retrieval_data``) keeps the batches while they fit in ``RETRIEVAL_TENSOR_BUDGET`` bytes; above
+    it, each iteration re-reads the split through the same stream and checks that it yields the same images.
+    """
+
+    def __init__(self, loader_factory, keys: list[str], batches: Optional[list[dict]], corrupt: int = 0):
+        self._loader_factory, self.keys, self._batches, self.corrupt = loader_factory, keys, batches, corrupt
+
+    @property
+    def cached(self) -> bool:
+        return self._batches is not None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __iter__(self):
-        wanted = set(self.keys)
-        pending: list = []
+        if self._batches is not None:
+            yield from self._batches
+            return
         got = 0
-        ds = wds.WebDataset(self.shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                            empty_check=False).decode("pilrgb", only=list(IMAGE_EXTS))
-        for sample in ds:
-            key = sample["__key__"]
-            if key not in wanted:
-                continue
-            if key != self.keys[got]:
-                raise RuntimeError(f"retrieval images: expected {self.keys[got]}, read {key}; did the shards change?")
-            img = next(sample[e] for e in IMAGE_EXTS if e in sample)
-            pending.append(self.transform(img, False))
-            got += 1
-            if len(pending) == self.batch_size:
-                yield torch.stack(pending)
-                pending = []
-        if pending:
-            yield torch.stack(pending)
+        for batch in self._loader_factory():
+            keys = batch["keys"]
+            if keys != self.keys[got: got + len(keys)]:
+                raise RuntimeError(f"retrieval images: expected {self.keys[got: got + len(keys)][:3]}..., read "
+                                   f"{keys[:3]}...; did the shards change since retrieval_data()?")
+            got += len(keys)
+            yield visual_part(batch)
         if got != len(self.keys):
             raise RuntimeError(f"retrieval images: read {got} of {len(self.keys)} images; did the shards change?")
+
+
+RETRIEVAL_DROP = ("all_captions", "n_seen", "n_corrupt")
+
+
+def visual_part(batch: dict) -> dict:
+    """A retrieval batch without its text bookkeeping (``all_captions``) and stream counters."""
+    return {k: v for k, v in batch.items() if k not in RETRIEVAL_DROP}
+
+
+def batch_nbytes(batch: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
 
 
 class ShardDataModule(L.LightningDataModule):
     """Streams WebDataset shards for training (exactly resumable), validation and test, and retrieval evaluation.
 
     ``rank``/``world_size`` default to the trainer's (or torch.distributed's); pass them to simulate ranks.
+    ``masking``: the model's MLM rule (``model.masking``; None: ``MaskingConfig()``).
     """
 
     def __init__(self, cfg: ShardsDataConfig, *, tokenizer=None, rank: Optional[int] = None,
-                 world_size: Optional[int] = None):
+                 world_size: Optional[int] = None, masking: Optional[MaskingConfig] = None):
         super().__init__()
         self.cfg = cfg
+        self.masking = masking if masking is not None else MaskingConfig()
         self._tokenizer = tokenizer
         self._rank, self._world_size = rank, world_size
         self.train_stream: Optional[ShardStream] = None
@@ -227,11 +250,12 @@ class ShardDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def collator(self) -> Collator:
+    def collator(self, *, text: bool = True, all_captions: bool = False) -> Collator:
+        """The batch builder (``text=False, all_captions=True``: retrieval images with their captions)."""
         c = self.cfg
-        return Collator(self.tokenizer, max_text_len=c.max_text_len, mlm_probability=c.mlm_probability,
-                        whole_word_masking=c.whole_word_masking, regions=c.regions, normalize=c.normalize,
-                        num_answers=self.num_answers)
+        return Collator(self.tokenizer, max_text_len=c.max_text_len, masking=self.masking, regions=c.regions,
+                        normalize=c.normalize, num_answers=self.num_answers, caption_preprocess=c.caption_preprocess,
+                        max_words=c.max_words, text=text, all_captions=all_captions)
 
     def processor(self, train: bool) -> SampleProcessor:
         """Training: one caption (one question with ``task: vqa``) per visit of an image; evaluation: the first
@@ -239,8 +263,14 @@ class ShardDataModule(L.LightningDataModule):
         c = self.cfg
         return SampleProcessor(build_transform(c, train=train), seed=c.seed, caption=c.caption if train else "first",
                                hflip=c.hflip and train, two_views=c.two_views and train, regions=c.regions,
-                               first_caption_prob=c.first_caption_prob if train else 0.0, task=c.task,
-                               num_answers=self.num_answers, all_questions=not train)
+                               images=c.images, first_caption_prob=c.first_caption_prob if train else 0.0,
+                               task=c.task, num_answers=self.num_answers, all_questions=not train)
+
+    def text_tokenizer(self, train: bool = True) -> TextTokenizer:
+        """Caption pre-processing + tokenisation at ``max_text_len`` (training) or ``eval_max_text_len``."""
+        c = self.cfg
+        length = c.max_text_len if train else (c.eval_max_text_len or c.max_text_len)
+        return TextTokenizer(self.tokenizer, length, preprocess=c.caption_preprocess, max_words=c.max_words)
 
     def _source(self, path: str, weight: float = 1.0) -> Source:
         index = read_index(path)
@@ -301,13 +331,15 @@ class ShardDataModule(L.LightningDataModule):
                              pin_memory=torch.cuda.is_available(), persistent_workers=False,
                              prefetch_factor=2 if k > 0 else None)
 
-    def _eval_loader(self, shard_dir: str) -> DataLoader:
+    def _eval_loader(self, shard_dir: str, collate: Optional[Collator] = None, pin_memory: Optional[bool] = None,
+                     source: Optional[Source] = None) -> DataLoader:
         c = self.cfg
-        stream = ShardEvalStream(self._source(shard_dir), batch_size=c.eval_batch_size,
-                                 process=self.processor(train=False), collate=self.collator(),
+        stream = ShardEvalStream(source or self._source(shard_dir), batch_size=c.eval_batch_size,
+                                 process=self.processor(train=False), collate=collate or self.collator(),
                                  num_workers=c.num_workers, max_corrupt_ratio=c.max_corrupt_ratio,
                                  corrupt_min_samples=c.corrupt_min_samples)
-        return DataLoader(stream, batch_size=None, num_workers=c.num_workers, pin_memory=torch.cuda.is_available())
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        return DataLoader(stream, batch_size=None, num_workers=c.num_workers, pin_memory=pin)
 
     def val_dataloader(self):
         return self._eval_loader(self.cfg.val) if self.cfg.val else []
@@ -318,11 +350,14 @@ class ShardDataModule(L.LightningDataModule):
     def eval_dataloader(self, split: str) -> DataLoader:
         """The in-order loader of ``split`` (``val``/``test``): every sample once; with ``task: vqa`` every question
         once (batches of ``eval_batch_size`` images with all their questions)."""
+        return self._eval_loader(self._split_dir(split))
+
+    def _split_dir(self, split: str, what: str = "") -> str:
         shard_dir = {"val": self.cfg.val, "test": self.cfg.test}.get(split)
         if shard_dir is None:
-            raise ValueError(f"data.{split} is not set" if split in ("val", "test")
-                             else f"split must be 'val' or 'test', got {split!r}")
-        return self._eval_loader(shard_dir)
+            raise ValueError(f"{what}data.{split} is not set" if split in ("val", "test")
+                             else f"{what}split must be 'val' or 'test', got {split!r}")
+        return shard_dir
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "stream_state" in batch:
@@ -397,65 +432,55 @@ class ShardDataModule(L.LightningDataModule):
 
     # -- retrieval evaluation ----------------------------------------------------------------------------------------
     def retrieval_data(self, split: str = "test") -> RetrievalData:
-        """All images of ``split`` (``val``/``test``) and ALL their captions, read in order in this process.
+        """All images of ``split`` (``val``/``test``) and ALL their captions, read in order in this process through
+        the eval stream (the evaluation ``SampleProcessor`` and the ``Collator``, so images, regions and captions
+        are what training sees).
 
-        Returns ``(images, texts, txt2img, img2txt)``: ``images`` a float tensor [N, 3, S, S] (or, above
-        ``RETRIEVAL_TENSOR_BUDGET`` bytes, a ``RetrievalImages`` iterable of such batches), ``texts`` every caption,
-        ``txt2img[t]`` the image index of text ``t``, ``img2txt[i]`` the text indices of image ``i``. Corrupt samples
-        are counted and left out (``.keys``/``.image_ids`` give the images kept).
+        ``visuals`` yields the collated image batches (see :class:`RetrievalVisuals`); ``texts`` holds every caption
+        of every image after ``data.caption_preprocess``; corrupt samples are counted (``visuals.corrupt``), warned
+        about and left out of everything.
         """
-        shard_dir = {"val": self.cfg.val, "test": self.cfg.test}.get(split)
-        if shard_dir is None:
-            raise ValueError(f"retrieval_data({split!r}): data.{split} is not set" if split in ("val", "test")
-                             else f"retrieval_data: split must be 'val' or 'test', got {split!r}")
-        source = Source.from_dir(shard_dir)
-        transform = build_transform(self.cfg, train=False)
-        size = self.cfg.image_size
-        keep = source.num_samples * 3 * size * size * 4 <= RETRIEVAL_TENSOR_BUDGET
-        counter = CorruptCounter(self.cfg.max_corrupt_ratio, self.cfg.corrupt_min_samples,
-                                 where=f" from {shard_dir} (retrieval {split})")
+        shard_dir = self._split_dir(split, f"retrieval_data({split!r}): ")
+        if self.cfg.task != "pretrain":
+            raise ValueError(f"retrieval_data({split!r}): data.task={self.cfg.task!r}; retrieval reads caption "
+                             "shards (data.task=pretrain)")
+        source = self._source(shard_dir)
+        collate = self.collator(text=False, all_captions=True)
 
-        def seen(sample):
-            counter.count_seen()
-            return sample
+        def loader():
+            return self._eval_loader(shard_dir, collate, pin_memory=False, source=source)
 
-        def process(sample):
-            info = sample.get("json")
-            images = [sample[e] for e in IMAGE_EXTS if e in sample]
-            if not isinstance(info, dict) or not images:
-                raise CorruptSample(f"sample {sample['__key__']}: needs an image and a json member")
-            caps = info.get("captions")
-            if not caps or not all(isinstance(t, str) for t in caps):
-                raise CorruptSample(f"sample {sample['__key__']}: 'captions' must be a non-empty list of strings")
-            return (sample["__key__"], [t.strip() for t in caps], stable_image_id(info.get("image_id",
-                                                                                            sample["__key__"])),
-                    transform(images[0], False) if keep else None)
-
-        ds = (wds.WebDataset(list(source.shards), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                             handler=counter, empty_check=False)
-              .map(seen, handler=counter)
-              .decode("pilrgb", only=[*IMAGE_EXTS, "json"], handler=counter)
-              .map(process, handler=counter))
-        keys, image_ids, tensors, texts, txt2img, img2txt = [], [], [], [], [], []
-        for key, caps, image_id, tensor in ds:
-            img2txt.append(list(range(len(texts), len(texts) + len(caps))))
-            txt2img.extend([len(keys)] * len(caps))
-            texts.extend(caps)
-            keys.append(key)
-            image_ids.append(image_id)
-            if tensor is not None:
-                tensors.append(tensor)
-        if counter.corrupt:
-            warnings.warn(f"retrieval_data({split!r}): {counter.corrupt} corrupt sample(s) left out "
-                          f"(last: {counter.last})", stacklevel=2)
+        keys, image_ids, texts, txt2img, img2txt, kept = [], [], [], [], [], []
+        nbytes, corrupt = 0, 0
+        for batch in loader():
+            corrupt += int(batch.get("n_corrupt", 0))
+            for key, image_id, caps in zip(batch["keys"], batch["image_ids"].tolist(), batch["all_captions"]):
+                img2txt.append(list(range(len(texts), len(texts) + len(caps))))
+                txt2img.extend([len(keys)] * len(caps))
+                texts.extend(caps)
+                keys.append(key)
+                image_ids.append(int(image_id))
+            if kept is not None:  # keep the batches while they fit, else re-read them on each iteration
+                nbytes += batch_nbytes(batch)
+                if nbytes <= RETRIEVAL_TENSOR_BUDGET:
+                    kept.append(visual_part(batch))
+                else:
+                    kept = None
+        if corrupt:
+            warnings.warn(f"retrieval_data({split!r}): {corrupt} corrupt sample(s) of {shard_dir} left out",
+                          stacklevel=2)
         if not keys:
             raise ValueError(f"retrieval_data({split!r}): no readable samples in {shard_dir}")
-        if keep:
-            images = torch.stack(tensors)
-        else:
-            images = RetrievalImages(list(source.shards), keys, transform, self.cfg.eval_batch_size)
-        return RetrievalData(images, texts, txt2img, img2txt, keys, image_ids)
+        return RetrievalData(RetrievalVisuals(loader, keys, kept, corrupt), texts, txt2img, img2txt, keys, image_ids)
+
+    def encode_texts(self, texts: list[str]) -> dict:
+        """Evaluation texts -> ``{"input_ids", "attention_mask"}`` (int64 [N, L], one common L for all texts: the
+        longest, at most ``eval_max_text_len``), after the same caption pre-processing as training."""
+        if not texts:
+            raise ValueError("encode_texts: no texts")
+        tokens = self.text_tokenizer(train=False)(texts)
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
-__all__ = ["ShardDataModule", "StreamPosition", "RetrievalData", "RetrievalImages", "resolve_tokenizer",
+__all__ = ["ShardDataModule", "StreamPosition", "RetrievalData", "RetrievalVisuals", "resolve_tokenizer",
            "resolve_answers"]

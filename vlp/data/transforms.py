@@ -2,13 +2,18 @@
 
 Training (``augment``), after ALBEF/TCL (papers/tcl_bridgetower.md A.2), in this order:
 
-- ``none``:  Resize to a square (the evaluation transform).
+- ``none``:  the evaluation resize (``resize``, below).
 - ``albef``: RandomResizedCrop(scale=(crop_min_scale, 1), bicubic) -> [flip] -> RandomAugment(N=2, M=7) with ALBEF's
   op set {Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y, TranslateX/Y, Rotate}.
 - ``tcl``:   RandomResizedCrop -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 -> RandomGrayscale p=0.2 ->
   GaussianBlur(sigma in [0.1, 2]) p=0.5 -> [flip] -> RandomAugment(2, 7).
 
-then ToTensor and CLIP or ImageNet normalisation. Evaluation: Resize((S, S), bicubic), ToTensor, normalise.
+then ToTensor and CLIP or ImageNet normalisation. Evaluation (and ``none``): the ``resize`` rule, ToTensor,
+normalise:
+
+- ``square`` (ALBEF/TCL ``Resize((S, S), bicubic)``): the whole image, squeezed to S x S;
+- ``short_side_crop`` (BridgeTower's ``clip_transform``, microsoft/BridgeTower ``src/transforms/transform.py``:
+  ``Resize(S, bicubic)`` then ``CenterCrop(S)``): the short side scaled to S, aspect kept, the centre S x S kept.
 
 The flip is NOT part of the composed transform: the caller decides it (``hflip`` is off by default because captions
 speak of left and right) so that both views of a sample share it and the caption can be fixed with
@@ -32,6 +37,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 AUGMENTS = ("none", "albef", "tcl")
+RESIZES = ("square", "short_side_crop")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALBEF's RandomAugment (ALBEF:dataset/randaugment.py): N ops drawn with replacement from the list, each applied with
@@ -116,17 +122,19 @@ class ImageTransform:
     """
 
     def __init__(self, size: int, *, augment: str = "none", normalize: str = "clip", train: bool = True,
-                 crop_min_scale: float = 0.2):
+                 crop_min_scale: float = 0.2, resize: str = "square"):
         if augment not in AUGMENTS:
             raise ValueError(f"data.augment={augment!r}: expected one of {AUGMENTS}")
+        if resize not in RESIZES:
+            raise ValueError(f"data.resize={resize!r}: expected one of {RESIZES}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"data.normalize={normalize!r}: expected one of {tuple(NORMALIZATIONS)}")
         if not 0.0 < crop_min_scale <= 1.0:
             raise ValueError(f"data.crop_min_scale={crop_min_scale}: expected a value in (0, 1]")
-        self.size, self.augment, self.train = size, augment if train else "none", train
+        self.size, self.augment, self.train, self.resize = size, augment if train else "none", train, resize
         bicubic = T.InterpolationMode.BICUBIC
         if self.augment == "none":
-            self.pre = T.Resize((size, size), interpolation=bicubic)
+            self.pre = resize_transform(size, resize)
             self.post = None
         else:
             pre = [T.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), interpolation=bicubic)]
@@ -160,13 +168,24 @@ class ImageTransform:
         return x.sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, augment={self.augment!r}, train={self.train})"
+        return (f"ImageTransform(size={self.size}, augment={self.augment!r}, train={self.train}, "
+                f"resize={self.resize!r})")
+
+
+def resize_transform(size: int, resize: str = "square"):
+    """The deterministic resize of evaluation and ``augment=none`` (module docstring), bicubic."""
+    bicubic = T.InterpolationMode.BICUBIC
+    if resize == "square":
+        return T.Resize((size, size), interpolation=bicubic)
+    if resize == "short_side_crop":
+        return T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
+    raise ValueError(f"data.resize={resize!r}: expected one of {RESIZES}")
 
 
 def build_transform(cfg, train: bool) -> ImageTransform:
     """The transform a ``ShardsDataConfig`` asks for (``train=False``: the evaluation resize)."""
     return ImageTransform(cfg.image_size, augment=cfg.augment, normalize=cfg.normalize, train=train,
-                          crop_min_scale=getattr(cfg, "crop_min_scale", 0.2))
+                          crop_min_scale=getattr(cfg, "crop_min_scale", 0.2), resize=getattr(cfg, "resize", "square"))
 
 
 _LR = re.compile(r"\b(left|right)(?=(?:most|ward|wards|hand|side|s)?\b)", re.IGNORECASE)
@@ -204,5 +223,6 @@ def denormalize(x: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
     return x * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
 
 
-__all__ = ["ImageTransform", "RandomAugment", "RandomGaussianBlur", "build_transform", "swap_left_right",
-           "normalize_uint8_batch", "denormalize", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "AUGMENTS"]
+__all__ = ["ImageTransform", "RandomAugment", "RandomGaussianBlur", "build_transform", "resize_transform",
+           "swap_left_right", "normalize_uint8_batch", "denormalize", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN",
+           "IMAGENET_STD", "AUGMENTS", "RESIZES"]

@@ -5,7 +5,7 @@ Plain functions on tensors, plus :class:`Temperature` (the one piece of state: a
 * :mod:`.contrastive` — InfoNCE with cross-rank gathering, queue negatives, multi-positive and distilled targets
   (ALBEF/TCL CMA and IMC, CLIP-style ITC).
 * :mod:`.matching` — ITM negative sampling (random / local-hard / global-hard), pair layouts, loss.
-* :mod:`.mlm` — BERT 80/10/10 masking and the MLM loss with momentum distillation.
+* :mod:`.mlm` — the MLM loss with momentum distillation (the masker is ``vlp.data.masking.Masker``).
 * :mod:`.mutual_info` — TCL's global-to-local mutual-information loss (LMI) and patch pooling.
 """
 
@@ -17,7 +17,7 @@ from vlp.losses.contrastive import (
     soft_cross_entropy,
 )
 from vlp.losses.matching import itm_loss, itm_triplets, sample_negatives, swap_images_for_itm, valid_negative_mask
-from vlp.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
+from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "swap_images_for_itm",
     "itm_loss",
     "IGNORE_INDEX",
-    "mask_tokens",
     "mlm_loss",
     "in_batch_g2l_loss",
     "patch_pooling",

@@ -1,82 +1,19 @@
-"""Masked language modelling: the BERT 80/10/10 masker and the (distilled) MLM loss.
+"""Masked language modelling: the (distilled) MLM loss.
 
-:func:`mask_tokens` is tokenizer-free so the model (TCL masks inside ``forward``) and the data collators can
-share it. :func:`mlm_loss` is ALBEF's ``BertForMaskedLM`` loss with momentum distillation.
+:func:`mlm_loss` is ALBEF's ``BertForMaskedLM`` loss with momentum distillation. The masking itself (BERT 80/10/10 by
+a paper's rule) is ``vlp.data.masking.Masker``, configured by the model's ``MaskingConfig``: the data collator masks
+with it, and so can a model that masks in its forward.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mask_tokens", "mlm_loss", "IGNORE_INDEX"]
+__all__ = ["mlm_loss", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-
-
-def mask_tokens(
-    input_ids: Tensor,
-    *,
-    vocab_size: int,
-    mask_id: int,
-    special_ids: Iterable[int],
-    probability: float | Tensor = 0.15,
-    generator: torch.Generator | None = None,
-    special_mask: Tensor | None = None,
-    mask_ratio: float = 0.8,
-    random_ratio: float = 0.1,
-) -> tuple[Tensor, Tensor]:
-    """BERT masking as ALBEF/TCL's ``mask()`` does it; returns ``(masked_ids, labels)``, both long [B, L].
-
-    1. Each token is selected with probability ``probability`` (Bernoulli per token; a float, or a [B, L] tensor
-       of per-token probabilities), except tokens whose id is in ``special_ids`` or where ``special_mask`` is
-       True. ALBEF/TCL protect only PAD and CLS (``special_ids=(pad_id, cls_id)``), so [SEP] can be masked; pass
-       the SEP id too for HF-collator behaviour (BridgeTower).
-    2. Of the selected tokens, Bernoulli(``mask_ratio``) become ``mask_id``; of the rest, Bernoulli(
-       ``random_ratio / (1 - mask_ratio)``) (0.5 for 80/10/10) become a token drawn uniformly from
-       ``[0, vocab_size)`` (special ids included, as in ALBEF and HF); the others stay unchanged.
-    3. ``labels`` holds the original id at selected positions and -100 elsewhere.
-
-    The input is not modified. The random draws are made in ALBEF's order (selection, [MASK], random-or-keep,
-    random ids), each over the full [B, L] shape, on the generator's device when a generator is given.
-    """
-    if input_ids.dtype not in (torch.long, torch.int):
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if not 0.0 <= mask_ratio <= 1.0 or not 0.0 <= random_ratio <= 1.0 - mask_ratio + 1e-12:
-        raise ValueError(f"need 0 <= mask_ratio and 0 <= random_ratio <= 1 - mask_ratio, got {mask_ratio}, "
-                         f"{random_ratio}")
-    device = input_ids.device
-    draw_device = generator.device if generator is not None else device
-    shape = input_ids.shape
-
-    if isinstance(probability, Tensor):
-        prob = probability.to(draw_device, torch.float).expand(shape)
-    else:
-        prob = torch.full(shape, float(probability), device=draw_device)
-    selected = torch.bernoulli(prob, generator=generator).bool().to(device)
-    protected = torch.zeros(shape, dtype=torch.bool, device=device)
-    for sid in special_ids:
-        protected |= input_ids == sid
-    if special_mask is not None:
-        protected |= special_mask.to(device=device, dtype=torch.bool)
-    selected &= ~protected
-
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-
-    to_mask = torch.bernoulli(torch.full(shape, mask_ratio, device=draw_device),
-                              generator=generator).bool().to(device) & selected
-    p_random = random_ratio / (1.0 - mask_ratio) if mask_ratio < 1.0 else 0.0
-    to_random = torch.bernoulli(torch.full(shape, p_random, device=draw_device),
-                                generator=generator).bool().to(device) & selected & ~to_mask
-    random_ids = torch.randint(vocab_size, shape, generator=generator, device=draw_device,
-                               dtype=input_ids.dtype).to(device)
-
-    masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
-    masked = torch.where(to_random, random_ids, masked)
-    return masked, labels
 
 
 def mlm_loss(

@@ -23,6 +23,13 @@ def _import(name: str):
     return getattr(module, cfg_name), getattr(module, cls_name)
 
 
+def model_class(name: str):
+    """The LightningModule class registered as ``name``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return _import(name)[1]
+
+
 def build(model_cfg, optim_cfg=None):
     """The LightningModule for ``model_cfg`` (a registered config dataclass with a ``name``)."""
     if model_cfg is None:
@@ -33,7 +40,8 @@ def build(model_cfg, optim_cfg=None):
 
 def bind_tokenizer(model_cfg, tokenizer):
     """Fill the fields a config leaves ``null`` to mean "from the tokenizer": the text tower's vocabulary size and
-    pad id (when it is not a pretrained hub model, whose own config knows them) and the special-token ids."""
+    pad id (when it is not a pretrained hub model, whose own config knows them). Special-token ids are the data
+    collator's business (masking happens there)."""
     import dataclasses
 
     changes = {}
@@ -46,10 +54,6 @@ def bind_tokenizer(model_cfg, tokenizer):
             fill["pad_token_id"] = tokenizer.pad_token_id
         if fill:
             changes["text"] = dataclasses.replace(text, **fill)
-    for field, attr in (("pad_token_id", "pad_token_id"), ("cls_token_id", "cls_token_id"),
-                        ("sep_token_id", "sep_token_id"), ("mask_token_id", "mask_token_id")):
-        if hasattr(model_cfg, field) and getattr(model_cfg, field) is None:
-            changes[field] = getattr(tokenizer, attr)
     return dataclasses.replace(model_cfg, **changes) if changes else model_cfg
 
 

@@ -1,18 +1,35 @@
-"""What every pre-training LightningModule shares: parameter groups, the learning-rate schedule, loss weighting and
-logging. A paper's module implements ``compute_losses(batch) -> {name: loss}`` and the retrieval interface
-(``embed_images``, ``embed_texts``, ``match_logits``); everything else lives here once.
+"""The model contract (DESIGN §5) and what every pre-training LightningModule shares: parameter groups, the
+learning-rate schedule, loss weighting, logging, the VQA head.
+
+Every paper's module, whether it reads pixels or detector regions, is used by the rest of the suite (retrieval, VQA,
+the contract tests) only through this interface::
+
+    reads                         which inputs the model needs: {"pixels"} or {"regions", ...} (``READS``)
+    encode_image(visual) -> Encoded   visual: vlp.data.visual.Visual (pixels, or padded regions)
+    encode_text(text)    -> Encoded   text: Text(input_ids, attention_mask)
+    fuse(image, text)    -> Fused     the joint states and the pooled vector the heads read
+    match_logits(fused)  -> [B, 2]    ITM logits, index 1 = matched (converters absorb a paper's own convention)
+    vqa_logits(fused)    -> [B, A]    the shared VQA head on ``fused.pooled`` (when ``num_answers`` > 0)
+    step(batch)          -> Step      {name: loss} and {name: metric} apart; ``compute_losses`` = its losses
+    has_contrastive_head              ``Encoded.embedding`` is a trained contrastive embedding
+    retrieval_protocol                the paper's default (first stage, combination) for ``vlp.eval``
+
+``encode_image``/``encode_text`` are what retrieval caches once per image and text; ``fuse`` is what it runs per
+candidate pair. A single-stream model (UNITER) returns embedded, not yet encoded, tokens from the ``encode_*`` methods
+and does all its work in ``fuse``; a two-stream model returns its uni-modal encoders' states.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import ClassVar, NamedTuple, Optional
 
 import lightning as L
 import torch
 from torch import nn
 
 from vlp.config import OptimConfig
+from vlp.data.visual import Visual
 
 
 def param_groups(module: nn.Module, optim: OptimConfig) -> list[dict]:
@@ -35,8 +52,49 @@ def param_groups(module: nn.Module, optim: OptimConfig) -> list[dict]:
     ]
 
 
+def _tcl_official_lambda(optim: OptimConfig):
+    """Step -> multiplier of the peak lr for ``schedule: tcl_official``: the official TCL/ALBEF pre-training
+    schedule, i.e. its timm ``CosineLRScheduler(t_initial=epochs, lr_min=min_lr, warmup_t=warmup_epochs,
+    warmup_lr_init=warmup_lr, warmup_prefix=True, cycle_limit=1)`` stepped as ``Pretrain.py`` steps it:
+
+    * epoch 0, iteration i: after the optimizer step of every i that is a multiple of ``warmup_step_size`` (S) up
+      to ``warmup_epochs * S``, ``scheduler.step(i // S)``; so iteration i runs at tick t = min(W, (i - 1) // S)
+      (t = 0 for i = 0, the value the scheduler starts with);
+    * epoch e > 0: ``scheduler.step(e + warmup_epochs)`` before the epoch, so the whole epoch runs at tick W + e;
+    * tick t: ``warmup_lr + t (lr - warmup_lr) / W`` while t < W, then the cosine at c = t - W:
+      ``min_lr + (lr - min_lr)(1 + cos(pi c / epochs)) / 2`` while c < epochs, and ``min_lr`` once c >= epochs
+      (timm ends its single cycle there). ``decay_rate`` scales only cycles after the first, which one cycle never
+      reaches: the official ``decay_rate: 1`` has no effect, so there is no such field.
+
+    As every schedule here it multiplies each parameter group's peak (``lr`` x its ``lr_mult``; the official code
+    has one group lr), so warmup_lr / min_lr scale with a group's multiplier."""
+    for key in ("epochs", "steps_per_epoch", "warmup_step_size"):
+        if getattr(optim, key) < 1:
+            raise ValueError(f"optim.{key}: schedule tcl_official needs a positive value, got {getattr(optim, key)} "
+                             f"(steps_per_epoch 0 is filled from the training loader by vlp.train)")
+    if optim.warmup_epochs < 0:
+        raise ValueError(f"optim.warmup_epochs: expected >= 0 warm-up ticks, got {optim.warmup_epochs}")
+    ticks, size, epochs = optim.warmup_epochs, optim.warmup_step_size, optim.epochs
+    start, floor = optim.warmup_start_lr / optim.lr, optim.min_lr / optim.lr
+
+    def at_tick(t: int) -> float:  # timm's _get_lr(t) / lr
+        if t < ticks:
+            return start + t * (1.0 - start) / ticks
+        c = t - ticks
+        return floor if c >= epochs else floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * c / epochs))
+
+    def fn(step: int) -> float:
+        epoch, i = divmod(step, optim.steps_per_epoch)
+        return at_tick(min(ticks, max(0, (i - 1) // size)) if epoch == 0 else epoch + ticks)
+
+    return fn
+
+
 def lr_lambda(optim: OptimConfig, total_steps: int):
-    """Step -> multiplier of the peak lr: linear warm-up from ``warmup_start_lr``, then cosine/linear to ``min_lr``."""
+    """Step -> multiplier of the peak lr: linear warm-up from ``warmup_start_lr``, then cosine/linear to ``min_lr``;
+    or the official TCL schedule, stepped per epoch (``schedule: tcl_official``, see ``_tcl_official_lambda``)."""
+    if optim.schedule == "tcl_official":
+        return _tcl_official_lambda(optim)
     warmup = optim.warmup_steps or int(round(optim.warmup_ratio * total_steps))
     start = optim.warmup_start_lr / optim.lr
     floor = optim.min_lr / optim.lr
@@ -51,7 +109,8 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if optim.schedule == "linear":
             return floor + (1.0 - floor) * (1.0 - progress)
-        raise ValueError(f"optim.schedule: unknown schedule {optim.schedule!r}; expected cosine, linear or constant")
+        raise ValueError(f"optim.schedule: unknown schedule {optim.schedule!r}; expected cosine, linear, constant or "
+                         f"tcl_official")
 
     return fn
 
@@ -65,8 +124,98 @@ def configure_adamw(module: L.LightningModule, optim: OptimConfig, total_steps: 
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+# -- the contract's types ---------------------------------------------------------------------------------------------
+READS = ("pixels", "regions", "tags", "phrases")
+
+
+class Text(NamedTuple):
+    """Token ids and their keep-mask, [B, T] each (1 = real token)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch: dict, ids_key: str = "input_ids") -> "Text":
+        return cls(batch[ids_key], batch["attention_mask"])
+
+    def select(self, index: torch.Tensor) -> "Text":
+        return Text(self.input_ids.index_select(0, index), self.attention_mask.index_select(0, index))
+
+    def to(self, device) -> "Text":
+        return Text(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+class Encoded(NamedTuple):
+    """One modality, encoded. ``states`` [B, N, D], or [B, K, N, D] when a model keeps K layers per item
+    (BridgeTower's bridges): the token axis is always -2. ``mask`` [B, N], True/1 on real tokens. ``embedding``
+    [B, E]: the L2-normalised contrastive embedding, or None for a model without a contrastive head."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    embedding: Optional[torch.Tensor] = None
+
+    def select(self, index: torch.Tensor) -> "Encoded":
+        index = index.to(self.states.device)
+        emb = None if self.embedding is None else self.embedding.index_select(0, index)
+        return Encoded(self.states.index_select(0, index), self.mask.index_select(0, index), emb)
+
+    @staticmethod
+    def cat(parts: list["Encoded"]) -> "Encoded":
+        """Concatenate along the batch, zero-padding the token axis to the longest part (the padding is masked out),
+        so batches with different region counts or text lengths stack into one cache."""
+        if not parts:
+            raise ValueError("Encoded.cat: nothing to concatenate")
+        n = max(p.states.shape[-2] for p in parts)
+        states, masks = [], []
+        for p in parts:
+            pad = n - p.states.shape[-2]
+            states.append(torch.nn.functional.pad(p.states, (0, 0, 0, pad)) if pad else p.states)
+            masks.append(torch.nn.functional.pad(p.mask, (0, pad)) if pad else p.mask)
+        embs = [p.embedding for p in parts]
+        emb = None if any(e is None for e in embs) else torch.cat(embs)
+        return Encoded(torch.cat(states), torch.cat(masks), emb)
+
+
+class Fused(NamedTuple):
+    """The joint encoding of aligned (image, text) pairs: ``states`` [B, L, H] (the text stream of a two-stream
+    model, the whole joint sequence of a single-stream one) and ``pooled`` [B, P], what the ITM and VQA heads read."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor
+
+
+class Step(NamedTuple):
+    """One training step's output: the losses to weight and sum, and metrics to log (never summed)."""
+
+    losses: dict
+    metrics: dict
+
+
+class RetrievalProtocol(NamedTuple):
+    """How a model ranks in retrieval (``vlp.eval``): ``first_stage`` ``contrastive`` (rank by the contrastive
+    embedding, re-rank the top-k with ITM) or ``all_pairs`` (ITM on every pair); ``combine`` ``itm`` (the re-ranked
+    ITM scores, each direction apart: ALBEF/TCL), ``itc`` (the contrastive similarity alone) or ``max`` (BridgeTower:
+    the element-wise max of the two re-ranked directions, ``S = max(S_i2t, S_t2i^T)``)."""
+
+    first_stage: str = "contrastive"
+    combine: str = "itm"
+
+
+def vqa_bce_loss(logits: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
+    """The VQA loss of UNITER, ViLT, METER and BridgeTower: BCE-with-logits against the soft scores, averaged over
+    every element and multiplied by the number of answers (= summed over answers, averaged over questions)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), target_scores.float()) * target_scores.shape[1]
+
+
 class PretrainModule(L.LightningModule):
-    """Base of the paper modules. ``loss_weights`` scales the named losses; a weight of 0 switches a loss off."""
+    """Base of the paper modules: the contract above, plus loss weighting (a weight of 0 switches a loss off),
+    logging, AdamW with the warm-up + decay schedule, and the shared VQA head.
+
+    A subclass sets ``READS`` and implements ``encode_image``, ``encode_text``, ``fuse``, ``match_logits``,
+    ``pooled_dim`` and ``step``; it calls :meth:`build_vqa_head` once its ``pooled_dim`` is known."""
+
+    READS: ClassVar[frozenset] = frozenset({"pixels"})
 
     def __init__(self, optim: OptimConfig | None = None, loss_weights: dict[str, float] | None = None):
         super().__init__()
@@ -74,10 +223,74 @@ class PretrainModule(L.LightningModule):
         self.loss_weights = dict(loss_weights or {})
         self.total_steps: int | None = None  # set by the trainer entry point from max_steps or the loader length
 
-    # -- to implement -------------------------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    # -- the contract (see the module docstring) ------------------------------------------------------------------------
+    @property
+    def reads(self) -> frozenset:
+        return self.READS
+
+    @property
+    def has_contrastive_head(self) -> bool:
+        return False
+
+    @property
+    def retrieval_protocol(self) -> RetrievalProtocol:
+        return RetrievalProtocol("contrastive" if self.has_contrastive_head else "all_pairs", "itm")
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of ``Fused.pooled``."""
         raise NotImplementedError
 
+    def encode_image(self, visual: Visual) -> Encoded:
+        raise NotImplementedError
+
+    def encode_text(self, text: Text) -> Encoded:
+        raise NotImplementedError
+
+    def fuse(self, image: Encoded, text: Encoded) -> Fused:
+        raise NotImplementedError
+
+    def match_logits(self, fused: Fused) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, batch: dict) -> Step:
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The named losses of one step (unweighted; ``loss_weights`` applies in ``training_step``)."""
+        return self.step(batch).losses
+
+    def example_inputs(self, batch_size: int = 2, seed: int = 0) -> tuple[Visual, Text]:
+        """Small valid inputs of the model's own sizes (what it ``reads``): the probe of ``vlp.tasks`` (which
+        parameters a task reaches), the contract tests and FLOP counting. Texts have different lengths (padding)."""
+        raise NotImplementedError
+
+    def pair_logits(self, visual: Visual, text: Text) -> torch.Tensor:
+        """ITM logits [B, 2] of aligned (image, text) pairs: the contract end to end."""
+        return self.match_logits(self.fuse(self.encode_image(visual), self.encode_text(text)))
+
+    # -- the shared VQA head --------------------------------------------------------------------------------------------
+    def build_vqa_head(self, num_answers: int, hidden_scale: int = 2, act_before_norm: bool = False,
+                       ln_eps: float = 1e-5) -> None:
+        """``vqa_head`` = ``mlp_head(P, P * hidden_scale, num_answers)`` on ``Fused.pooled`` (P = ``pooled_dim``):
+        BridgeTower's classifier with the defaults, UNITER's with ``hidden_scale=2, act_before_norm=True,
+        ln_eps=1e-12``. No head when ``num_answers`` is 0."""
+        from vlp.blocks.heads import mlp_head
+
+        if num_answers > 0:
+            p = self.pooled_dim
+            self.vqa_head = mlp_head(p, p * hidden_scale, num_answers, ln_eps=ln_eps, act_before_norm=act_before_norm)
+
+    def vqa_logits(self, fused: Fused) -> torch.Tensor:
+        """Answer logits [B, num_answers] from ``fused.pooled``."""
+        head = getattr(self, "vqa_head", None)
+        if head is None:
+            raise RuntimeError(f"this {type(self).__name__} has no VQA head: set model.num_answers > 0")
+        return head(fused.pooled)
+
+    vqa_loss = staticmethod(vqa_bce_loss)
+
+    # -- weighting ------------------------------------------------------------------------------------------------------
     def weight(self, name: str) -> float:
         return float(self.loss_weights.get(name, 1.0))
 
@@ -86,11 +299,13 @@ class PretrainModule(L.LightningModule):
 
     # -- Lightning ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.compute_losses(batch)
-        total = sum(self.weight(k) * v for k, v in losses.items() if self.enabled(k))
+        out = self.step(batch)
+        total = sum(self.weight(k) * v for k, v in out.losses.items() if self.enabled(k))
         bs = batch["input_ids"].shape[0] if "input_ids" in batch else None
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.losses.items()}, batch_size=bs)
+        self.log_dict({f"train/{k}": (v.detach() if isinstance(v, torch.Tensor) else float(v))
+                       for k, v in out.metrics.items()}, batch_size=bs)
         if "n_corrupt" in batch:  # the data pipeline counts skipped corrupt samples
             self.log("data/corrupt", float(batch["n_corrupt"]), reduce_fx="max", batch_size=bs)
         return total
@@ -102,29 +317,19 @@ class PretrainModule(L.LightningModule):
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
 
-    # -- retrieval interface (DESIGN §5), used by vlp.eval ------------------------------------------------------------
-    def embed_images(self, images: torch.Tensor):
-        """-> (normalised embeddings [B, E], per-image states kept for matching)."""
-        raise NotImplementedError
 
-    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """-> (normalised embeddings [B, E], per-text states kept for matching)."""
-        raise NotImplementedError
-
-    def match_states(self, image_states, text_states, attention_mask) -> torch.Tensor:
-        """ITM logits [B, 2] of aligned pairs, from the states ``embed_images`` / ``embed_texts`` returned (retrieval
-        re-ranking caches them once per image and text)."""
-        raise NotImplementedError
-
-    def match_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITM logits [B, 2] (index 1 = matched) of images [B, 3, S, S] and token ids [B, T]."""
-        _, image_states = self.embed_images(pixel_values)
-        _, text_states = self.embed_texts(input_ids, attention_mask)
-        return self.match_states(image_states, text_states, attention_mask)
+def example_text(vocab_size: int, batch_size: int, length: int = 8, seed: int = 0, first_id: int = 5) -> Text:
+    """Random ids in ``[first_id, vocab_size)`` (clear of the usual special ids), row ``i`` padded after
+    ``length - i`` tokens (at least 2), pad id 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(first_id, vocab_size - 1), vocab_size, (batch_size, length), generator=g)
+    mask = torch.ones(batch_size, length, dtype=torch.long)
+    for i in range(batch_size):
+        mask[i, max(2, length - i):] = 0
+    return Text(ids.masked_fill(mask == 0, 0), mask)
 
 
-def count_parameters(modules: Iterable[nn.Module] | nn.Module, trainable_only: bool = True) -> int:
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad or not trainable_only)
+def example_pixels(image_size: int, batch_size: int, seed: int = 0) -> Visual:
+    g = torch.Generator().manual_seed(seed + 1)
+    return Visual(pixels=torch.randn(batch_size, 3, image_size, image_size, generator=g))
+

@@ -26,11 +26,16 @@ Pre-training (``compute_losses``), as in the official code: two passes per step,
 * optional **ITC** (``loss_weights.itc > 0``, off in the paper's pre-training): InfoNCE between the uni-modal CLS
   features through ``itc_*_head``, keys gathered from every rank with gradient, ``(i2t + t2i) / 2``.
 
-Interface (DESIGN §5): ``forward(pixel_values, input_ids, attention_mask) -> BridgeTowerOutput(text_feats,
-image_feats, cls_feats)``; ``match_logits(pixel_values, input_ids, attention_mask)`` -> ITM logits [B, 2]; retrieval: ``embed_images`` /
-``embed_texts`` -> (normalised embedding, the per-layer uni-modal states the bridges read, [B, K, tokens, width])
-and ``match_states(image_states, text_states, mask)``, as for every model; VQA: ``vqa_logits``,
-``vqa_loss``. Cached retrieval states hold K layers per item (base: 6 x 325 x 768 floats per image, ~6 MB).
+The model contract (``vlp.models.base``): ``encode_image`` / ``encode_text`` return the K uni-modal layers the
+bridges read, stacked as ``Encoded.states`` [B, K, tokens, width] (a retrieval cache holds K layers per item: base,
+6 x 325 x 768 floats per image, ~6 MB), with the ITC embedding when the ITC heads exist; ``fuse`` runs the
+cross-modal encoder (``Fused.pooled`` = ``cls_feats``); ``match_logits`` is the ITM head; the VQA head is the shared
+one (``num_answers`` > 0). ``forward(pixel_values, input_ids, attention_mask) -> BridgeTowerOutput(text_feats,
+image_feats, cls_feats)`` is transformers' ``BridgeTowerModel`` output, for parity tests.
+
+Retrieval follows the official protocol (``retrieval_protocol``): with ITC heads, rank by ITC, re-rank the top-k with
+ITM and take the element-wise max of the two directions (``irtr_itm_itc``); without them, ITM over all pairs. The
+cosine of uni-modal [CLS] states that no objective aligned is never used to rank.
 
 Where we differ from the official code, on purpose:
 
@@ -51,18 +56,20 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlp.blocks.fusion import BRIDGE_KINDS, CoAttentionStack
-from vlp.blocks.heads import ITMHead, Pooler, Projection, init_bert_weights, mlp_head
-from vlp.blocks.text import MLMHead, TextConfig, TextTower
+from vlp.blocks.heads import ITMHead, Pooler, Projection, init_bert_weights
+from vlp.blocks.text import MLMHead, TextConfig, TextEncoder
 from vlp.blocks.vision import VisionConfig, VisionTower
 from vlp.config import OptimConfig
 from vlp.losses.contrastive import Temperature, info_nce
+from vlp.data.masking import MaskingConfig
+from vlp.data.visual import Visual
 from vlp.losses.matching import itm_loss, swap_images_for_itm
-from vlp.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
-from vlp.models.base import PretrainModule
+from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
+from vlp.models.base import (Encoded, Fused, PretrainModule, RetrievalProtocol, Step, Text, example_pixels,
+                             example_text)
 
 __all__ = ["BridgeTowerConfig", "BridgeTower", "BridgeTowerOutput"]
 
@@ -97,17 +104,18 @@ class BridgeTowerConfig:
     temp: float = 0.07
     num_answers: int = 0  # VQA classes (3129 for VQAv2); 0: no VQA head
     vqa_hidden_scale: int = 2  # VQA head: Linear(2H, 2H * scale), LayerNorm, GELU, Linear(2H * scale, answers)
-    mlm_probability: float = 0.15
+    # ViLT/BridgeTower use transformers' collator: 15 %, 80/10/10, no special token masked, random ids from the vocab.
+    masking: MaskingConfig = field(default_factory=lambda: MaskingConfig(protect="special", random_tokens="vocab"))
     mlm_masked_only: bool = True  # the MLM head scores masked tokens only (same loss, less compute; one host sync)
     reuse_image_states: bool = True  # the ITM pass indexes the MLM pass's image states (in-batch negatives)
     grad_checkpointing: bool = False  # per-layer activation checkpointing in both towers and the cross stack
-    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids); null: from the tokenizer
-    # (sep: not protected when null). RoBERTa: <s>=0 <pad>=1 </s>=2 <mask>=50264.
-    pad_token_id: Optional[int] = 1
-    cls_token_id: Optional[int] = 0
-    sep_token_id: Optional[int] = 2
-    mask_token_id: Optional[int] = 50264
     loss_weights: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0, "itc": 0.0})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "BridgeTowerConfig":
+        """Seconds-sized BridgeTower for tests (the model contract tests build every model's ``tiny()``): the
+        defaults (32 px CLIP 2 x 64, RoBERTa 2 x 64, 2 cross layers) with the ITC heads on."""
+        return cls(**{**dict(itc_embed_dim=16, loss_weights={"mlm": 1.0, "itm": 1.0, "itc": 1.0}), **overrides})
 
     def __post_init__(self):
         if self.bridge not in BRIDGE_KINDS:
@@ -137,7 +145,7 @@ class BridgeTower(PretrainModule):
         self.cfg = cfg
         self.vision = VisionTower(dataclasses.replace(cfg.vision, grad_checkpointing=cfg.grad_checkpointing
                                                       or cfg.vision.grad_checkpointing))
-        self.text = TextTower(dataclasses.replace(cfg.text, mlm_head=False, fusion_layers=0,
+        self.text = TextEncoder(dataclasses.replace(cfg.text, mlm_head=False, fusion_layers=0,
                                                   grad_checkpointing=cfg.grad_checkpointing
                                                   or cfg.text.grad_checkpointing))
         hf = self.text.hf_config
@@ -166,8 +174,7 @@ class BridgeTower(PretrainModule):
             self.itc_text_head = Projection(self.text.hidden, cfg.itc_embed_dim)
             self.itc_image_head = Projection(self.vision.width, cfg.itc_embed_dim)
             self.itc_temp = Temperature(cfg.temp)
-        if cfg.num_answers > 0:
-            self.vqa_head = mlp_head(2 * h, 2 * h * cfg.vqa_hidden_scale, cfg.num_answers)
+        self.build_vqa_head(cfg.num_answers, cfg.vqa_hidden_scale)
         for module in (self.cross_modal_text_transform, self.cross_modal_image_transform, self.token_type_embeddings,
                        self.cross_modal, self.cross_modal_text_pooler, self.cross_modal_image_pooler, self.mlm_head,
                        self.itm_head, getattr(self, "itc_text_head", None), getattr(self, "itc_image_head", None),
@@ -215,7 +222,8 @@ class BridgeTower(PretrainModule):
         hidden = self.text.run_layers(self.text.embed(input_ids), attention_mask, all_layers=True)
         return list(hidden[len(hidden) - self.num_bridged:])
 
-    def fuse(self, image_layers, text_layers, attention_mask: torch.Tensor, need_image_output: bool = True):
+    def cross_modal_forward(self, image_layers, text_layers, attention_mask: torch.Tensor,
+                            image_mask: torch.Tensor | None = None, need_image_output: bool = True):
         """The cross-modal encoder on uni-modal states (lists from :meth:`image_layers` / :meth:`text_layers`, or
         tensors [B, K, ., D] stacked along dim 1). Returns the last layer's ``(text_feats, image_feats)``."""
         if isinstance(image_layers, torch.Tensor):
@@ -225,7 +233,7 @@ class BridgeTower(PretrainModule):
         text_type, image_type = self.token_type_embeddings.weight
         text_in = [self.cross_modal_text_transform(t) + text_type for t in text_layers]
         image_in = [self.cross_modal_image_transform(v) + image_type for v in image_layers]
-        return self.cross_modal(text_in, image_in, attention_mask, need_image_output=need_image_output)
+        return self.cross_modal(text_in, image_in, attention_mask, image_mask, need_image_output=need_image_output)
 
     def cls_feats(self, text_feats: torch.Tensor, image_feats: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cross_modal_text_pooler(text_feats), self.cross_modal_image_pooler(image_feats)], -1)
@@ -234,77 +242,54 @@ class BridgeTower(PretrainModule):
                 attention_mask: torch.Tensor | None = None) -> BridgeTowerOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        text_feats, image_feats = self.fuse(self.image_layers(pixel_values),
-                                            self.text_layers(input_ids, attention_mask), attention_mask)
+        text_feats, image_feats = self.cross_modal_forward(self.image_layers(pixel_values),
+                                                           self.text_layers(input_ids, attention_mask), attention_mask)
         return BridgeTowerOutput(text_feats, image_feats, self.cls_feats(text_feats, image_feats))
 
-    # -- the retrieval interface ---------------------------------------------------------------------------------------
-    def _unimodal_embedding(self, cls: torch.Tensor, modality: str) -> torch.Tensor:
-        head = getattr(self, f"itc_{modality}_head", None)
-        if head is not None:
-            return head(cls)
-        if self.vision.width != self.text.hidden:  # no shared space: use the shared cross-modal projection
-            transform = getattr(self, f"cross_modal_{modality}_transform")
-            cls = transform(cls)
-        return F.normalize(cls, dim=-1)
+    # -- the contract (vlp.models.base) -------------------------------------------------------------------------------
+    @property
+    def has_contrastive_head(self) -> bool:
+        return hasattr(self, "itc_image_head")
 
-    def embed_images(self, images: torch.Tensor):
-        """-> (embedding [B, E] (ITC head, else the normalised uni-modal CLS), states [B, K, N, Dv] for matching)."""
-        layers = self.image_layers(images)
-        return self._unimodal_embedding(layers[-1][:, 0], "image"), torch.stack(layers, 1)
+    @property
+    def retrieval_protocol(self) -> RetrievalProtocol:
+        return RetrievalProtocol("contrastive", "max") if self.has_contrastive_head else RetrievalProtocol("all_pairs",
+                                                                                                          "itm")
 
-    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """-> (embedding [B, E], states [B, K, T, Dt] for matching)."""
-        layers = self.text_layers(input_ids, attention_mask)
-        return self._unimodal_embedding(layers[-1][:, 0], "text"), torch.stack(layers, 1)
+    @property
+    def pooled_dim(self) -> int:
+        return 2 * self.hidden
 
-    def match_states(self, image_states: torch.Tensor, text_states: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITM logits [B, 2] of aligned pairs from the states :meth:`embed_images` / :meth:`embed_texts` return."""
-        text_feats, image_feats = self.fuse(image_states, text_states, attention_mask)
-        return self.itm_head(self.cls_feats(text_feats, image_feats))
+    def encode_image(self, visual: Visual) -> Encoded:
+        """The K CLIP layers that feed the bridges, [B, K, N, Dv], and the ITC embedding of the last one's CLS."""
+        layers = self.image_layers(visual.require("pixels", model="BridgeTower").pixels)
+        mask = torch.ones(layers[-1].shape[:2], dtype=torch.long, device=layers[-1].device)
+        emb = self.itc_image_head(layers[-1][:, 0]) if self.has_contrastive_head else None
+        return Encoded(torch.stack(layers, 1), mask, emb)
 
-    def match_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ITM logits [B, 2] (index 1 = matched) of images [B, 3, S, S] and token ids [B, T]."""
-        return self.itm_head(self(pixel_values, input_ids, attention_mask).cls_feats)
+    def encode_text(self, text: Text) -> Encoded:
+        """The K RoBERTa layers that feed the bridges, [B, K, T, Dt], and the ITC embedding of the last one's <s>."""
+        layers = self.text_layers(text.input_ids, text.attention_mask)
+        emb = self.itc_text_head(layers[-1][:, 0]) if self.has_contrastive_head else None
+        return Encoded(torch.stack(layers, 1), text.attention_mask, emb)
 
-    # -- VQA -----------------------------------------------------------------------------------------------------------
-    def vqa_logits(self, image: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Answer logits [B, num_answers] from ``cls_feats``."""
-        if not hasattr(self, "vqa_head"):
-            raise RuntimeError("this BridgeTower has no VQA head: set num_answers > 0")
-        return self.vqa_head(self(image, input_ids, attention_mask).cls_feats)
+    def fuse(self, image: Encoded, text: Encoded) -> Fused:
+        text_feats, image_feats = self.cross_modal_forward(image.states, text.states, text.mask, image.mask)
+        return Fused(text_feats, self.cls_feats(text_feats, image_feats))
 
-    @staticmethod
-    def vqa_loss(logits: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
-        """The official VQA loss: ``BCEWithLogits(logits, soft scores)`` averaged over elements, times the number
-        of answers."""
-        return F.binary_cross_entropy_with_logits(logits.float(), target_scores.float()) * target_scores.shape[1]
+    def example_inputs(self, batch_size: int = 2, seed: int = 0) -> tuple[Visual, Text]:
+        return (example_pixels(self.vision.config.img_size, batch_size, seed),
+                example_text(self.text.hf_config.vocab_size, batch_size, seed=seed))
+
+    def match_logits(self, fused: Fused) -> torch.Tensor:
+        return self.itm_head(fused.pooled)
 
     # -- pre-training --------------------------------------------------------------------------------------------------
-    def _mlm_inputs(self, batch: dict, generator: torch.Generator | None):
-        if "mlm_input_ids" in batch:
-            return batch["mlm_input_ids"], batch["mlm_labels"]
-        cfg = self.cfg
-        missing = [n for n in ("pad_token_id", "cls_token_id", "mask_token_id") if getattr(cfg, n) is None]
-        if missing:
-            raise ValueError(f"the batch has no mlm_input_ids and the config leaves {missing} unset")
-        vocab = self.text.hf_config.vocab_size
-        if cfg.mask_token_id >= vocab:
-            raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the vocabulary ({vocab}); set the "
-                             f"special-token ids of your tokenizer")
-        return mask_tokens(batch["input_ids"], vocab_size=vocab, mask_id=cfg.mask_token_id,
-                           special_ids=[i for i in (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id)
-                                        if i is not None],
-                           probability=cfg.mlm_probability, generator=generator)
-
     def pretrain_outputs(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Every loss of one step and the logits behind them.
 
-        Batch keys: ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T]; optional ``mlm_input_ids`` /
-        ``mlm_labels`` (masked in-model otherwise), ``image_ids`` [B] (ITM never pairs a caption with an image of
+        Batch keys: ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], ``mlm_input_ids`` /
+        ``mlm_labels`` (the collator masks with ``masking``), optional ``image_ids`` [B] (ITM never pairs a caption with an image of
         the same id), ``itm_image_index`` / ``itm_labels`` [B] (fixed ITM pairs, e.g. for tests).
         """
         image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
@@ -313,8 +298,12 @@ class BridgeTower(PretrainModule):
         clean_text_layers = None
 
         if self.enabled("mlm"):
-            mlm_ids, labels = self._mlm_inputs(batch, generator)
-            text_feats, _ = self.fuse(image_layers, self.text_layers(mlm_ids, mask), mask, need_image_output=False)
+            if "mlm_input_ids" not in batch:
+                raise ValueError("BridgeTower's MLM needs the batch keys mlm_input_ids / mlm_labels (the data "
+                                 "collator masks with model.masking)")
+            mlm_ids, labels = batch["mlm_input_ids"], batch["mlm_labels"]
+            text_feats, _ = self.cross_modal_forward(image_layers, self.text_layers(mlm_ids, mask), mask,
+                                                     need_image_output=False)
             if self.cfg.mlm_masked_only:
                 selected = labels != IGNORE_INDEX
                 logits, targets = self.mlm_head(text_feats[selected]), labels[selected]
@@ -334,7 +323,7 @@ class BridgeTower(PretrainModule):
             else:
                 itm_image_layers = self.image_layers(image[index])
             clean_text_layers = self.text_layers(ids, mask)
-            text_feats, image_feats = self.fuse(itm_image_layers, clean_text_layers, mask)
+            text_feats, image_feats = self.cross_modal_forward(itm_image_layers, clean_text_layers, mask)
             logits = self.itm_head(self.cls_feats(text_feats, image_feats))
             out["itm"] = itm_loss(logits, itm_labels)
             out["itm_logits"], out["itm_labels"] = logits, itm_labels
@@ -349,19 +338,16 @@ class BridgeTower(PretrainModule):
                           + info_nce(text_emb, image_emb, temp, gather=True)) / 2
         return out
 
-    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def step(self, batch: dict) -> Step:
         out = self.pretrain_outputs(batch)
-        if self._trainer is not None:
-            bs = batch["image"].shape[0]
-            with torch.no_grad():
-                if "mlm_logits" in out and out["mlm_targets"].numel():
-                    sel = out["mlm_targets"] != IGNORE_INDEX
-                    if bool(sel.any()):
-                        acc = (out["mlm_logits"].argmax(-1)[sel] == out["mlm_targets"][sel]).float().mean()
-                        self.log("train/mlm_acc", acc, batch_size=bs)
-                if "itm_logits" in out:
-                    acc = (out["itm_logits"].argmax(-1) == out["itm_labels"]).float().mean()
-                    self.log("train/itm_acc", acc, batch_size=bs)
-                if "itc" in out:
-                    self.log("train/temp", self.itc_temp().detach(), batch_size=1)
-        return {k: out[k] for k in _LOSSES if k in out}
+        metrics = {}
+        with torch.no_grad():
+            if "mlm_logits" in out and out["mlm_targets"].numel():
+                sel = out["mlm_targets"] != IGNORE_INDEX
+                hits = (out["mlm_logits"].argmax(-1) == out["mlm_targets"]) & sel
+                metrics["mlm_acc"] = hits.sum() / sel.sum().clamp(min=1)
+            if "itm_logits" in out:
+                metrics["itm_acc"] = (out["itm_logits"].argmax(-1) == out["itm_labels"]).float().mean()
+            if "itc" in out:
+                metrics["temp"] = self.itc_temp().detach().squeeze()
+        return Step({k: out[k] for k in _LOSSES if k in out}, metrics)

@@ -3,8 +3,8 @@
 A vlp checkpoint is a Lightning-style ``.ckpt``: ``{"state_dict": {...}, "hyper_parameters": {"model": <model config
 as a dict>}, ...}``. Every pre-training module stores its config there (``save_hyperparameters({"model": ...})``),
 so the Trainer's checkpoints (``<run>/checkpoints/last.ckpt``) and the converters' outputs (``vlp convert``) read
-the same way. Files are read with ``torch.load(weights_only=True)``: a checkpoint holding arbitrary pickled objects
-is refused, never executed.
+the same way. Files are read by ``vlp.utils.checkpoint.read_checkpoint`` (``torch.load(weights_only=True)``): a
+checkpoint holding arbitrary pickled objects is refused with a ``CheckpointError`` naming the file, never executed.
 """
 
 from __future__ import annotations
@@ -15,22 +15,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["load", "save", "read_checkpoint"]
+from vlp.utils.checkpoint import CheckpointError, read_checkpoint  # re-exported: the one safe reader
+
+__all__ = ["load", "save", "read_checkpoint", "CheckpointError"]
 
 FORMAT = "vlp-checkpoint/1"
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict, read with ``weights_only=True`` (a clear error when the file holds other objects)."""
-    from vlp.convert.bridgetower import safe_torch_load
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{path}: not a vlp checkpoint (no 'state_dict')")
-    return ckpt
 
 
 def _model_config(ckpt: dict, path) -> tuple[Any, type]:
@@ -40,11 +29,12 @@ def _model_config(ckpt: dict, path) -> tuple[Any, type]:
     hp = ckpt.get("hyper_parameters") or {}
     tree = hp.get("model") if isinstance(hp, dict) else None
     if not isinstance(tree, dict):
-        raise ValueError(f"{path}: no model config in hyper_parameters['model']; a vlp checkpoint (from "
-                         f"`vlp pretrain` or `vlp convert`) was expected")
+        raise CheckpointError(path, "no model config in hyper_parameters['model']",
+                              "a vlp checkpoint (from `vlp pretrain` or `vlp convert`)")
     name = tree.get("name")
     if name not in MODELS:
-        raise ValueError(f"{path}: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        raise CheckpointError(path, f"unknown model {name!r} in hyper_parameters['model']",
+                              f"one of {', '.join(MODELS)}")
     cfg_cls, module_cls = _import(name)
     return build(cfg_cls, tree, prefix="model."), module_cls
 

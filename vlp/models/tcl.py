@@ -27,30 +27,38 @@ Where we differ from the official code, on purpose:
 * The temperature is a 1-element vector (FSDP2 cannot shard 0-d parameters) and therefore excluded from weight
   decay by the 1-d rule; the official 0-d ``temp`` is decayed (by 0.02 * lr per step: negligible).
 * Hard negatives are drawn without the per-sample host sync, and pairs sharing an image id are never negatives.
-* MLM masking happens in the data collator (same 80/10/10 rule); the model masks only when a batch comes without.
+* MLM masking happens in the data collator with the official rule (``masking``: [PAD] and [CLS] protected, so
+  [SEP] can be masked; random replacements from the whole vocabulary); the batch must bring ``mlm_input_ids``.
+* ITM negatives are drawn from this rank's batch (``local-hard``, the official rule, or ``random``). A global-hard
+  variant would have to gather every rank's token states with gradients; the official code does not do it, so the
+  option is not offered (``vlp.losses.matching.sample_negatives`` supports it for models that gather).
 * LMI pooling: ``lmi_locals`` pooled regions for any square patch grid (the official pre-training code hard-codes
   a 16 x 16 grid); ``lmi_locals: null`` reproduces the official rule (kernel = int(sqrt(grid))).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from vlp.blocks.heads import ITMHead, Projection
 from vlp.blocks.momentum import FeatureQueue, MomentumPair
 from vlp.blocks.text import TextConfig, TextTower
 from vlp.blocks.vision import VisionConfig, VisionTower
 from vlp.config import OptimConfig
+from vlp.data.masking import MaskingConfig
+from vlp.data.visual import Visual
 from vlp.losses.contrastive import Temperature, info_nce
-from vlp.losses.matching import itm_loss, sample_negatives
-from vlp.losses.mlm import mask_tokens, mlm_loss
+from vlp.losses.matching import itm_loss, itm_triplets, sample_negatives
+from vlp.losses.mlm import mlm_loss
 from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
-from vlp.models.base import PretrainModule
+from vlp.models.base import Encoded, Fused, PretrainModule, Step, Text, example_pixels, example_text
+
+ITM_NEGATIVES = ("random", "local-hard")
 
 
 @dataclass
@@ -68,17 +76,25 @@ class TCLConfig:
     imc: bool = True  # intra-modal contrast (False with lmi False: ALBEF)
     lmi: bool = True  # local mutual information
     lmi_locals: Optional[int] = 16  # pooled image locals; null: the official kernel = int(sqrt(grid)) rule
-    itm_negatives: str = "local-hard"  # random | local-hard | global-hard
-    mlm_probability: float = 0.15
-    # Special-token ids for in-model masking (when the batch brings no mlm_input_ids); null: from the tokenizer.
-    pad_token_id: Optional[int] = 0
-    cls_token_id: Optional[int] = 101
-    mask_token_id: Optional[int] = 103
+    itm_negatives: str = "local-hard"  # random | local-hard (in-batch, as the official code)
+    # The official mask(): 15 %, 80/10/10, [PAD] and [CLS] protected, random ids from the whole vocabulary.
+    masking: MaskingConfig = field(default_factory=lambda: MaskingConfig(protect="pad_cls", random_tokens="vocab"))
+    num_answers: int = 0  # VQA answers (vlp finetune sets it from the data); 0: no VQA head
+    vqa_hidden_scale: int = 2  # VQA head: Linear(H, 2H), LayerNorm, GELU, Linear(2H, answers)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"ita": 1.0, "itm": 1.0, "mlm": 1.0})
 
+    @classmethod
+    def tiny(cls, **overrides) -> "TCLConfig":
+        """Seconds-sized TCL for tests (the model contract tests build every model's ``tiny()``): 32 px, widths 32."""
+        base = dict(vision=VisionConfig.tiny(img_size=32, patch_size=8, width=32, depth=1, heads=2),
+                    text=TextConfig.tiny(hidden=32, layers=2, heads=2, intermediate=64, fusion_layers=1,
+                                         encoder_width=32, max_position=40),
+                    embed_dim=16, queue_size=0, momentum=0.9)
+        return cls(**{**base, **overrides})
+
     def __post_init__(self):
-        if self.itm_negatives not in ("random", "local-hard", "global-hard"):
-            raise ValueError(f"itm_negatives must be random, local-hard or global-hard, got {self.itm_negatives!r}")
+        if self.itm_negatives not in ITM_NEGATIVES:
+            raise ValueError(f"itm_negatives must be one of {', '.join(ITM_NEGATIVES)}, got {self.itm_negatives!r}")
         unknown = set(self.loss_weights) - {"ita", "itm", "mlm"}
         if unknown:
             raise ValueError(f"loss_weights: unknown losses {sorted(unknown)}; TCL has ita, itm, mlm")
@@ -89,9 +105,10 @@ class TCL(PretrainModule):
         cfg = cfg or TCLConfig()
         super().__init__(optim, cfg.loss_weights)
         self.cfg = cfg
-        self.save_hyperparameters({"model": _asdict(cfg)})
+        self.save_hyperparameters({"model": dataclasses.asdict(cfg)})
         self.vision = VisionTower(cfg.vision)
-        text_cfg = cfg.text if cfg.text.encoder_width else _replace(cfg.text, encoder_width=self.vision.width)
+        text_cfg = (cfg.text if cfg.text.encoder_width
+                    else dataclasses.replace(cfg.text, encoder_width=self.vision.width))
         self.text = TextTower(text_cfg)
         self.vision_proj = Projection(self.vision.width, cfg.embed_dim)
         self.text_proj = Projection(self.text.hidden, cfg.embed_dim)
@@ -104,19 +121,39 @@ class TCL(PretrainModule):
         # queue_size 0: in-batch negatives only. From a random init the queue is harmful: while the features are still
         # collapsed, telling this step's keys from the stale queue is the easiest way to lower the loss.
         self.queue = FeatureQueue(cfg.embed_dim, cfg.queue_size, names=("image", "text")) if cfg.queue_size else None
+        self.build_vqa_head(cfg.num_answers, cfg.vqa_hidden_scale)
 
-    # -- the retrieval interface ---------------------------------------------------------------------------------
-    def embed_images(self, images):
-        tokens = self.vision(images).last_hidden_state
-        return self.vision_proj(tokens[:, 0]), tokens
+    # -- the contract (vlp.models.base) ---------------------------------------------------------------------------------
+    @property
+    def has_contrastive_head(self) -> bool:
+        return True
 
-    def embed_texts(self, input_ids, attention_mask):
-        hidden = self.text.forward_text(input_ids, attention_mask)
-        return self.text_proj(hidden[:, 0]), hidden
+    @property
+    def pooled_dim(self) -> int:
+        return self.text.hidden
 
-    def match_states(self, image_states, text_states, attention_mask):
-        fused = self.text.forward_fusion(text_states, attention_mask, image_states)
-        return self.itm_head(fused[:, 0])
+    def encode_image(self, visual: Visual) -> Encoded:
+        """ViT tokens [B, 1 + P, D] and the projected [CLS]."""
+        tokens = self.vision(visual.require("pixels", model="TCL").pixels).last_hidden_state
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return Encoded(tokens, mask, self.vision_proj(tokens[:, 0]))
+
+    def encode_text(self, text: Text) -> Encoded:
+        """The text-only BERT layers [B, T, H] and the projected [CLS]."""
+        hidden = self.text.forward_text(text.input_ids, text.attention_mask)
+        return Encoded(hidden, text.attention_mask, self.text_proj(hidden[:, 0]))
+
+    def fuse(self, image: Encoded, text: Encoded) -> Fused:
+        """The fusion layers over the text states, cross-attending to the image tokens; pooled = fused [CLS]."""
+        fused = self.text.forward_fusion(text.states, text.mask, image.states, image.mask)
+        return Fused(fused, fused[:, 0])
+
+    def example_inputs(self, batch_size: int = 2, seed: int = 0) -> tuple[Visual, Text]:
+        return (example_pixels(self.vision.config.img_size, batch_size, seed),
+                example_text(self.text.hf_config.vocab_size, batch_size, seed=seed))
+
+    def match_logits(self, fused: Fused) -> torch.Tensor:
+        return self.itm_head(fused.pooled)
 
     # -- pre-training ------------------------------------------------------------------------------------------------
     def current_alpha(self) -> float:
@@ -184,33 +221,26 @@ class TCL(PretrainModule):
         if self.queue is not None:
             self.queue.enqueue(image_feat_m, text_feat_m)
 
-        # ITM: positives, then (text, hard negative image), then (hard negative text, image).
+        # ITM: positives, then (text, hard negative image), then (hard negative text, image), in one fusion pass.
         if self.enabled("itm"):
-            fused_pos = self.text.forward_fusion(text_embeds, mask, image_embeds)
             with torch.no_grad():
                 neg_img, neg_txt = sample_negatives(
                     sim_i2t[:, :bs].detach(), sim_t2i[:, :bs].detach(), mode=cfg.itm_negatives,
                     image_ids=batch.get("image_ids"), generator=generator,
                 )
             neg_img, neg_txt = batch.get("neg_image_for_text", neg_img), batch.get("neg_text_for_image", neg_txt)
-            text_all = torch.cat([text_embeds, text_embeds[neg_txt]])
-            mask_all = torch.cat([mask, mask[neg_txt]])
-            image_all = torch.cat([image_embeds[neg_img], image_embeds])
-            fused_neg = self.text.forward_fusion(text_all, mask_all, image_all)
-            logits = self.itm_head(torch.cat([fused_pos[:, 0], fused_neg[:, 0]]))
-            labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
-            out["itm"] = itm_loss(logits, labels.to(logits.device))
-            out.update(fused_pos=fused_pos, itm_logits=logits, neg_image_for_text=neg_img, neg_text_for_image=neg_txt)
+            image_index, text_index, labels = itm_triplets(neg_img, neg_txt)
+            fused = self.text.forward_fusion(text_embeds[text_index], mask[text_index], image_embeds[image_index])
+            logits = self.itm_head(fused[:, 0])
+            out["itm"] = itm_loss(logits, labels)
+            out.update(fused_pos=fused[:bs], itm_logits=logits, neg_image_for_text=neg_img, neg_text_for_image=neg_txt)
 
         # MLM with momentum distillation (the teacher sees the second view).
         if self.enabled("mlm"):
-            if "mlm_input_ids" in batch:
-                mlm_ids, mlm_labels = batch["mlm_input_ids"], batch["mlm_labels"]
-            else:
-                mlm_ids, mlm_labels = mask_tokens(
-                    ids, vocab_size=self.text.hf_config.vocab_size, mask_id=cfg.mask_token_id,
-                    special_ids=(cfg.pad_token_id, cfg.cls_token_id), probability=cfg.mlm_probability,
-                    generator=generator)
+            if "mlm_input_ids" not in batch:
+                raise ValueError("TCL's MLM needs the batch keys mlm_input_ids / mlm_labels (the data collator masks "
+                                 "with model.masking)")
+            mlm_ids, mlm_labels = batch["mlm_input_ids"], batch["mlm_labels"]
             soft = None
             if alpha > 0:
                 with torch.no_grad():
@@ -219,27 +249,17 @@ class TCL(PretrainModule):
             out["mlm"] = mlm_loss(logits, mlm_labels, soft_logits=soft, alpha=alpha)
         return out
 
-    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def step(self, batch: dict) -> Step:
         # One EMA step per optimizer step: with gradient accumulation only the first micro-batch updates.
         update = self._trainer is None or self.global_step != getattr(self, "_momentum_step", None)
         if self._trainer is not None:
             self._momentum_step = self.global_step
         out = self(batch, update_momentum=update)
-        if self._trainer is not None:
-            parts = {k: v.detach() for k, v in out.items() if k.startswith("loss_")}
-            self.log_dict({f"train/ita_{k[5:]}": v for k, v in parts.items()}, batch_size=batch["image"].shape[0])
-            self.log("train/temp", self.temp().detach().squeeze(), batch_size=1)
-            self.log("train/alpha", self.current_alpha(), batch_size=1)
-        return {k: out[k] for k in ("ita", "itm", "mlm") if k in out}
-
-
-def _asdict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
-
-
-def _replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
+        metrics = {f"ita_{k[5:]}": v.detach() for k, v in out.items() if k.startswith("loss_")}
+        metrics.update(temp=self.temp().detach().squeeze(), alpha=self.current_alpha())
+        if "itm_logits" in out:  # logits: B positives, then 2B negatives
+            matched = torch.zeros(out["itm_logits"].shape[0], dtype=torch.long, device=out["itm_logits"].device)
+            matched[: out["fused_pos"].shape[0]] = 1
+            metrics["itm_acc"] = (out["itm_logits"].detach().argmax(-1) == matched).float().mean()
+        # ita is always computed (its similarities choose the ITM hard negatives) but reported only when enabled.
+        return Step({k: out[k] for k in ("ita", "itm", "mlm") if k in out and self.enabled(k)}, metrics)

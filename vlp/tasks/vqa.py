@@ -1,6 +1,8 @@
-"""VQA fine-tuning: ``VQATask`` wraps any pre-trained model with ``vqa_logits(image, input_ids, attention_mask)`` and
-``vqa_loss(logits, target_scores)`` (BridgeTower: a 2-layer head on ``cls_feats``, BCE x number of answers, as the
-official ``compute_vqa``) and trains it on ``data.task: vqa`` batches (see ``vlp.data.collate``).
+"""VQA fine-tuning: ``VQATask`` wraps any pre-trained model through the model contract (``vlp.models.base``):
+``fuse(encode_image(visual), encode_text(question))`` then the shared VQA head on ``Fused.pooled``
+(``vqa_logits``: Linear, LayerNorm, GELU, Linear as BridgeTower's classifier, UNITER's order by config) and the
+shared loss (``vqa_loss``: BCE x number of answers, the official ``compute_vqa``), on ``data.task: vqa`` batches
+(see ``vlp.data.collate``). Pixels or regions: the task never looks inside the visual input.
 
 * Data: a VQA shard sample is an image with all its questions. Training visits an image once per pass of the stream
   and uses ONE of its questions, chosen deterministically from (seed, key, visit) so that every n consecutive visits
@@ -35,8 +37,9 @@ import lightning as L
 import torch
 
 from vlp.config import ConfigError, OptimConfig
+from vlp.data.visual import Visual
 from vlp.eval.vqa import VQAScore
-from vlp.models.base import configure_adamw
+from vlp.models.base import Text, configure_adamw
 
 log = logging.getLogger("vlp")
 
@@ -135,9 +138,10 @@ class VQATask(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optim: OptimConfig | None = None, *, answers: list[str] | None = None,
                  eval_chunk: int = 128):
         super().__init__()
-        for method in ("vqa_logits", "vqa_loss"):
+        for method in ("encode_image", "encode_text", "fuse", "vqa_logits", "vqa_loss", "example_inputs"):
             if not callable(getattr(model, method, None)):
-                raise TypeError(f"{type(model).__name__} has no {method}(): it cannot be fine-tuned for VQA")
+                raise TypeError(f"{type(model).__name__} has no {method}() (vlp.models.base contract): it cannot be "
+                                "fine-tuned for VQA")
         self.model = model
         self.optim_cfg = optim or OptimConfig()
         self.answers = list(answers) if answers is not None else None
@@ -153,42 +157,40 @@ class VQATask(L.LightningModule):
 
     # -- model side ---------------------------------------------------------------------------------------------------
     @staticmethod
-    def question_images(batch: dict) -> torch.Tensor:
-        """The image of every (image, question) row: ``image`` itself when each image has one question."""
-        image, index = batch["image"], batch["question_image"]
-        return image if index.shape[0] == image.shape[0] else image.index_select(0, index)
+    def question_visuals(batch: dict) -> Visual:
+        """The image (pixels or regions) of every (image, question) row: the batch's own when each image has one
+        question."""
+        visual, index = Visual.from_batch(batch), batch["question_image"]
+        return visual if index.shape[0] == visual.batch_size else visual.select(index)
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.vqa_logits(image, input_ids, attention_mask)
+    def forward(self, visual: Visual, text: Text) -> torch.Tensor:
+        m = self.model
+        return m.vqa_logits(m.fuse(m.encode_image(visual), m.encode_text(text)))
 
     def answer_logits(self, batch: dict) -> torch.Tensor:
         """Logits [Q, A] of every row of an evaluation batch, at most ``eval_chunk`` rows per forward."""
-        image, index = batch["image"], batch["question_image"]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        visual, index, text = Visual.from_batch(batch), batch["question_image"], Text.from_batch(batch)
         out = []
         for s in range(0, index.shape[0], self.eval_chunk):
-            sel = index[s: s + self.eval_chunk]
-            out.append(self(image.index_select(0, sel), ids[s: s + self.eval_chunk], mask[s: s + self.eval_chunk]))
+            rows = torch.arange(s, min(s + self.eval_chunk, index.shape[0]), device=index.device)
+            out.append(self(visual.select(index[rows]), text.select(rows)))
         return torch.cat(out)
 
     @torch.no_grad()
-    def freeze_unused(self, image_size: int, text_len: int = 4) -> list[str]:
+    def freeze_unused(self) -> list[str]:
         """Freeze (``requires_grad=False``) the parameters one VQA forward/backward does not reach, and return their
-        names. Probes with one blank image and a short question (plus one padded position)."""
+        names. Probes with the model's ``example_inputs`` (its own input sizes; questions with padding)."""
         was_training = self.model.training
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         grads = {n: p.grad for n, p in trainable.items()}
         for p in trainable.values():
             p.grad = None
         device = next(self.model.parameters()).device
-        image = torch.zeros(1, 3, image_size, image_size, device=device)
-        ids = torch.zeros(1, text_len, dtype=torch.long, device=device)
-        mask = torch.ones_like(ids)
-        mask[0, -1] = 0
+        visual, text = self.model.example_inputs(2)
         self.model.train()
         try:
             with torch.enable_grad():
-                self.model.vqa_logits(image, ids, mask).float().sum().backward()
+                self(visual.to(device), text.to(device)).float().sum().backward()
             unused = [n for n, p in trainable.items() if p.grad is None]
         finally:
             for n, p in trainable.items():
@@ -200,7 +202,7 @@ class VQATask(L.LightningModule):
 
     # -- Lightning ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(self.question_images(batch), batch["input_ids"], batch["attention_mask"])
+        logits = self(self.question_visuals(batch), Text.from_batch(batch))
         targets = batch["vqa_targets"]
         loss = self.model.vqa_loss(logits, targets)
         bs = logits.shape[0]
@@ -285,7 +287,7 @@ def build(cfg, dm, init: bool = True) -> VQATask:
         else:
             raise ConfigError("vlp finetune needs the pre-trained weights: ckpt=PATH (a `vlp pretrain` last.ckpt or "
                               "a `vlp convert` output); finetune.from_scratch=true trains from random init instead")
-    frozen = task.freeze_unused(cfg.data.image_size)
+    frozen = task.freeze_unused()
     if frozen:
         print(f"frozen (not used by VQA): {_groups(frozen)}")
     return task
