@@ -47,6 +47,18 @@ $(SHAPES_SHARDS)/.done: $(SHAPES_RAW)/.done
 	$(BIN)/python -m data_recipes.shapes_shards --root $(SHAPES_RAW) --out $(SHAPES_SHARDS) --workers 2
 	@touch $@
 
+# Region features for the region models (UNITER, MVPTR): the simulated detector of data_recipes/_regions_sim.py adds
+# regions.npz to these shard directories in place (the pixel models ignore it); VQA boxes come from the instances.
+SHAPES_REGION_SPLITS := coco/train coco/val coco/test vqa/train vqa/val vqa/test vg/train
+.PHONY: shapes-regions
+shapes-regions: $(SHAPES_SHARDS)/.regions-done  ## Add region features (regions.npz: boxes, features, cls_prob, labels) to the shapes shards
+
+$(SHAPES_SHARDS)/.regions-done: $(SHAPES_SHARDS)/.done | setup
+	$(BIN)/python -m data_recipes.regions --simulate --in-place --workers 2 \
+		--shards $(addprefix $(SHAPES_SHARDS)/,$(SHAPES_REGION_SPLITS)) \
+		--objects $(SHAPES_RAW)/coco/annotations/instances_train2017.json $(SHAPES_RAW)/coco/annotations/instances_val2017.json
+	@touch $@
+
 # Default data is the shapes world unless DATA= points at real shards.
 define pretrain_rule
 pretrain-$(1): setup $(if $(DATA),,$(SHAPES_SHARDS)/.done)
@@ -56,6 +68,10 @@ $(eval $(call pretrain_rule,tcl))
 $(eval $(call pretrain_rule,bridgetower))
 pretrain-tcl:  ## Pre-train TCL (default: TCL-tiny on the shapes world, then zero-shot retrieval)
 pretrain-bridgetower:  ## Pre-train BridgeTower (default: tiny on the shapes world, then zero-shot retrieval)
+# UNITER reads detector regions: the default data is the shapes world with its simulated regions (shapes-regions).
+.PHONY: pretrain-uniter
+pretrain-uniter: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done)  ## Pre-train UNITER (default: UNITER-tiny on the shapes world's regions, then retrieval by ITM over all pairs)
+	$(BIN)/vlp pretrain $(or $(CONFIG),experiments/uniter/tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)}]') $(ARGS)
 
 # VQA fine-tuning. Default: BridgeTower-tiny from runs/bridgetower-tiny on the shapes world's VQA shards; when that
 # checkpoint is missing, `make pretrain-bridgetower` runs first (a finished or interrupted pre-training is reused as it
@@ -76,10 +92,11 @@ data-%: setup  ## Run a recipe: make data-coco RAW=/raw/coco OUT=/shards/coco
 	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make data-$* RAW=... OUT=..."; exit 2; }
 	$(BIN)/python -m data_recipes.$* --root $(RAW) --out $(OUT) $(ARGS)
 
-bench: setup  ## Benchmarks (ratios measured in one run; JSON in benchmarks/results/)
+bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; JSON in benchmarks/results/)
 	$(BIN)/python benchmarks/tcl_step.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/bridgetower_vs_transformers.py
+	$(BIN)/python benchmarks/worker_start.py
 
 clean-runs:  ## Remove runs/ (checkpoints, metrics)
 	rm -rf runs

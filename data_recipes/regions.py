@@ -1,10 +1,13 @@
 """Region features -> ``regions.npz`` added to existing shards (DESIGN §3), for UNITER and MVPTR.
 
-Reads a split directory written by another recipe (``--shards IN``: ``index.json`` + ``<split>-%06d.tar``) and writes
-``--out OUT``, a new split directory: the same shard names, every original member of every sample byte for byte, plus
-``<key>.regions.npz``; then ``OUT/index.json`` with the region-feature spec. The input is never modified.
+Reads split directories written by another recipe (``--shards IN``: ``index.json`` + ``<split>-%06d.tar``) and
+either writes ``--out OUT``, a new split directory (the same shard names, every original member of every sample byte
+for byte, plus ``<key>.regions.npz``; the input is never modified), or with ``--in-place`` adds ``regions.npz`` to
+the ``--shards`` directories themselves (several at once: one class list and region spec for all). Either way the
+directory's ``index.json`` gets the region-feature spec in its ``regions`` field, which readers check (the data
+module refuses ``data.regions=true`` without it, and train sources whose specs differ).
 
-Three sources (exactly one):
+Four sources (exactly one):
 
 ``--npz-dir DIR``  UNITER's per-image detector dumps (BUTD Faster R-CNN): one ``.npz`` per image, named ``<id>.npz``
     or with a prefix (``coco_train2014_000000391895.npz``), matched to a sample by the integer id (the trailing
@@ -15,35 +18,75 @@ Three sources (exactly one):
     float32 [N, C]). A first line naming the columns is used as the header; ``--tsv-fields a,b,...`` names the columns
     of a headerless file in another order (``img_id``/``img_w``/``img_h`` accepted; unknown columns ignored).
     Lines that cannot be parsed are counted as ``malformed_line``.
-``--extract``      features computed here: a timm backbone (``--backbone resnet50``) over the image resized to
-    ``--image-size``, its last feature map RoI-aligned (``torchvision.ops.roi_align``, ``--roi-size`` x ``--roi-size``,
-    then mean-pooled) over the whole image (region 0, the "global" region) and every ``objects.boxes`` of the json.
-    Weights: ``--weights FILE``, or with ``--pretrained`` timm's weights if they are in the local cache (no download);
-    otherwise a random backbone seeded with ``torch.manual_seed(0)``, recorded as ``"pretrained": false``.
+``--extract``      features computed here from real images: a timm backbone (``--backbone resnet50``) over the image
+    resized to ``--image-size``, its last feature map RoI-aligned (``torchvision.ops.roi_align``, ``--roi-size`` x
+    ``--roi-size``, then mean-pooled) over the whole image (region 0, the "global" region) and every
+    ``objects.boxes`` of the json (or of ``--objects``). Weights: ``--weights FILE`` (a state dict of that timm
+    model, .pth or .safetensors), or with ``--pretrained`` timm's weights if they are in the local cache (no
+    download); otherwise a random backbone seeded with ``torch.manual_seed(0)``, recorded as ``"pretrained": false``.
     ``cls_prob`` is the one-hot of each object's label in the class list (``--classes``, else ``__background__`` +
-    the sorted labels of the split; the global region is background).
+    the sorted labels of the splits; the global region is background).
+``--simulate``     the embedded default's simulated detector (``data_recipes/_regions_sim.py``): the known object
+    boxes plus 0-3 context boxes per image (background patches, duplicates, the whole image), 128-d features from the
+    pixels under each box (a 6x6 RGB RoI grid + a fixed random conv bank, RoI-aligned; nothing trained or loaded),
+    a soft, mostly right, content-dependent ``cls_prob`` over ``__background__`` + the object classes, and the
+    ground-truth names as ``labels``; deterministic by ``--seed`` and the image bytes.
+
+``--objects a.json b.json``: COCO instances files giving the boxes of samples whose json has no ``objects`` (VQA
+shards: the instances of the same COCO images); a sample found in neither is ``missing_objects``.
 
 ``regions.npz`` per sample: ``features`` [N, D] fp16, ``boxes`` [N, 4] float32 xyxy normalised to [0, 1], ``cls_prob``
 [N, C] fp16 (when the source has class probabilities), ``conf`` [N] fp16 (npz sources that carry it), ``labels`` [N]
-(unicode) object names of the argmax class (background excluded) when a class list is known. Regions keep source
-order (UNITER truncates to the first num_bb by ``conf``). ``--classes FILE``: one name per line (the 1600 VG objects,
-with or without ``__background__`` first: a list one shorter than C gets it prepended), or an ``index.json`` whose
-``regions.classes`` to reuse (so that every split and source gets the same class indices; the data module refuses
-train sources with different region specs).
+(unicode) object names (npz/tsv: of the argmax class, background excluded) when a class list is known. Regions keep
+source order (UNITER truncates to the first num_bb by ``conf``). ``--classes FILE``: one name per line (the 1600 VG
+objects, with or without ``__background__`` first: a list one shorter than C gets it prepended), or an
+``index.json`` whose ``regions.classes`` to reuse (so that every split and source gets the same class indices; the
+data module refuses train sources with different region specs).
 
-A sample whose image has no features in the source is dropped, counted as ``missing_regions`` (UNITER/MVPTR cannot
-use it; an image-only sample would silently change what "a sample" means). Corrupt source files are dropped as
-``corrupt_regions``, images with zero regions as ``empty_regions``. A source file without the expected keys, or with a
-feature/class dimension other than the first image's, is an error naming the file.
+``index.json`` ``regions`` (the same dict for every directory of one run): ``dim``, ``box_format`` ("xyxy_norm"),
+``num_classes``, ``classes`` (index = ``cls_prob`` column), ``fields`` (the npz keys), ``source`` (npz | tsv |
+extract | simulate), ``backbone`` and how the features were made (``pretrained``, ``weights``, ``image_size``, ...;
+``--simulate`` adds ``feature_layout``, ``method``, ``cls_prob``, ``context_regions``, ``labels``, ``seed``).
+Per-directory counts go to ``meta.regions_build``.
 
-Output shards are written atomically, each followed by its sidecar ``<shard>.json`` (as every recipe does); a re-run
-skips every shard whose sidecar matches the input shard's bytes, the options and the source (the npz folder's file
-names, sizes and mtimes; the TSV's size and mtime; the weights file's hash). While shards are being rewritten
-``OUT/index.json`` is absent, so a reader never takes a half-done directory for a finished one.
+With ``--out``, a sample whose image has no features in the source is dropped, counted as ``missing_regions``
+(UNITER/MVPTR cannot use it; an image-only sample would silently change what "a sample" means); corrupt source files
+are dropped as ``corrupt_regions``, images with zero regions as ``empty_regions``. With ``--in-place`` any of these is
+an error (the directory is the one pixel models read: it must keep every sample). A source file without the expected
+keys, or with a feature/class dimension other than the first image's, is an error naming the file.
 
-    python -m data_recipes.regions --shards OUT/coco/train --out OUT/coco_regions/train --extract --backbone resnet18
+Shards are written atomically, each followed by its sidecar: ``<shard>.json`` with ``--out`` (as every recipe
+does), ``<shard>.regions.json`` in place (the writing recipe's ``<shard>.json`` stays, so its re-run finds the shard
+finished and keeps the spec). A re-run skips every shard already holding what this run would write (``--out``:
+the input shard's bytes, the options and the source: the npz folder's file names, sizes and mtimes; the TSV's size
+and mtime; the weights file's hash; in place: the options and the shard's own hash). While shards are being
+rewritten ``OUT/index.json`` is absent (``--in-place``: present, with ``regions`` null), so a reader never takes a
+half-done directory for a finished one.
+
+Real detector output, the same command (``make data-coco`` etc. first)::
+
     python -m data_recipes.regions --shards SHARDS/coco/train --out R/coco/train --npz-dir img_db/coco_train2014 \\
-        --classes objects_vocab.txt
+        --classes objects_vocab.txt                      # UNITER's npz dumps (+ the 1600 VG names)
+    python -m data_recipes.regions --shards SHARDS/coco/train --out R/coco/train \\
+        --tsv trainval_36/trainval_resnet101_faster_rcnn_genome_36.tsv   # BUTD generate_tsv.py output
+
+(VinVL's own pair of files, ``features.tsv`` rows ``image_id, num_boxes, base64 [N, 2054]`` + ``predictions.tsv``
+with the boxes and classes as json, is not read directly: join them into the one-line-per-image layout above, with
+a header line naming the columns.)
+
+Features from real images with a pretrained backbone given by path (boxes from the json's objects, e.g. COCO
+instances; VQA shards take them from ``--objects``)::
+
+    python -m data_recipes.regions --shards SHARDS/coco/train --out R/coco/train --extract --backbone resnet50 \\
+        --weights /models/resnet50.safetensors --image-size 448 --workers 4
+    python -m data_recipes.regions --shards SHARDS/vqa/train --out R/vqa/train --extract --backbone resnet50 \\
+        --weights /models/resnet50.safetensors --objects COCO/annotations/instances_train2014.json \\
+        --classes R/coco/train/index.json
+
+The embedded default (``make shapes-regions``)::
+
+    python -m data_recipes.regions --simulate --in-place --workers 2 --shards data/shards/shapes/coco/train ... \\
+        --objects data/raw/shapes/coco/annotations/instances_{train,val}2017.json
 """
 
 from __future__ import annotations
@@ -448,6 +491,46 @@ class TsvSource:
         return out
 
 
+# -- images and objects of a sample (--extract, --simulate) -----------------------------------------------------------
+def image_member(members: dict, key: str, job: dict) -> str | None:
+    """The one image field of a sample, None if it has none; several images are an error (one box set each)."""
+    fields = [f for f in members if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    if len(fields) > 1:
+        raise C.RecipeError(f"{job['in']}: sample {key} holds several images ({', '.join(fields)}); --extract and "
+                            "--simulate handle one image per sample")
+    return fields[0] if fields else None
+
+
+def load_objects(paths: list) -> dict[int | str, dict]:
+    """image id -> ``{"boxes": xyxy pixels, "labels": names}`` from COCO instances files (``--objects``)."""
+    from data_recipes.coco import _load_objects
+
+    files = [C.require(Path(p), "a COCO instances file (--objects)") for p in paths]
+    return {id_key(k): v for k, v in _load_objects(files).items()}
+
+
+def objects_of(key: str, js: dict | None, job: dict) -> tuple[np.ndarray, list[str]] | C.Skip:
+    """``(boxes [n, 4] xyxy pixels, labels)`` of a sample: its json's ``objects``, else (``--objects``) the
+    instances of its image id (missing there: ``Skip("missing_objects")``), else none."""
+    objs = js.get("objects") if isinstance(js, dict) else None
+    if not isinstance(objs, dict):
+        lookup = job.get("objects")
+        if lookup is None:
+            objs = {}
+        else:
+            objs = lookup.get(sample_id(key, js))
+            if objs is None:
+                return C.Skip("missing_objects", key)
+    try:
+        b = np.asarray(objs.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    except (ValueError, TypeError):
+        return C.Skip("bad_boxes", key)
+    labels = [str(x) for x in objs.get("labels") or []]
+    if len(labels) != len(b) or not np.isfinite(b).all():
+        return C.Skip("bad_boxes", key)
+    return b, labels
+
+
 # -- source: timm backbone + RoI-align ---------------------------------------------------------------------------------
 def resolve_weights(backbone: str, pretrained: bool, weights: str | None) -> tuple[str | None, str]:
     """``(local weights file or None, description)``: ``weights`` if given, else with ``pretrained`` timm's weights
@@ -485,6 +568,46 @@ def resolve_weights(backbone: str, pretrained: bool, weights: str | None) -> tup
                   f"cache is looked at); using a random backbone seeded with 0, recorded as pretrained=false",
                   stacklevel=3)
     return None, "random(seed=0)"
+
+
+def read_images(items: list, job: dict, size: int) -> tuple[list, list]:
+    """Decode the images of ``items`` (``(key, members, json)``) for region features: ``(out, ready)`` where ``out``
+    holds a ``Skip`` for every sample that cannot be used (no image, no objects, undecodable) and ``None`` elsewhere,
+    and ``ready`` one ``(index, key, image bytes, uint8 [size, size, 3], boxes [n, 4] xyxy in [0, 1], names)`` per
+    usable sample; boxes are normalised by the json's width/height (else the decoded size), clipped and ordered."""
+    from PIL import Image
+
+    out: list = [None] * len(items)
+    ready = []
+    for i, (key, members, js) in enumerate(items):
+        field = image_member(members, key, job)
+        if field is None:
+            out[i] = C.Skip("missing_image", key)
+            continue
+        objs = objects_of(key, js, job)
+        if isinstance(objs, C.Skip):
+            out[i] = objs
+            continue
+        data = members[field]
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im = im.convert("RGB")
+                decoded = im.size
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on bad bytes
+            out[i] = C.Skip("corrupt_image", f"{key}: {type(e).__name__}: {e}")
+            continue
+        w = js.get("width") if isinstance(js, dict) else None
+        h = js.get("height") if isinstance(js, dict) else None
+        ok = isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0
+        w, h = (w, h) if ok else decoded
+        b, names = objs
+        nb = np.clip(b / np.array([w, h, w, h], np.float64), 0.0, 1.0)
+        nb = np.stack([nb[:, [0, 2]].min(1), nb[:, [1, 3]].min(1), nb[:, [0, 2]].max(1), nb[:, [1, 3]].max(1)], 1)
+        ready.append((i, key, data, arr, nb, list(names)))
+    return out, ready
 
 
 class Extractor:
@@ -534,57 +657,22 @@ class Extractor:
 
     def regions(self, items: list, job: dict) -> list:
         import torch
-        from PIL import Image
         from torchvision.ops import roi_align
 
-        out: list = [None] * len(items)
-        pixels, boxes, meta = [], [], []
         s = self.image_size
-        for i, (key, members, js) in enumerate(items):
-            fields = [f for f in members if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
-            if len(fields) > 1:
-                raise C.RecipeError(f"{job['in']}: sample {key} holds several images ({', '.join(fields)}); "
-                                    "--extract handles one image per sample")
-            if not fields:
-                out[i] = C.Skip("missing_image", key)
-                continue
-            try:
-                with Image.open(io.BytesIO(members[fields[0]])) as im:
-                    im = im.convert("RGB")
-                    size = im.size
-                    im = im.resize((s, s), Image.BILINEAR)
-            except Exception as e:  # noqa: BLE001 - PIL raises many types on bad bytes
-                out[i] = C.Skip("corrupt_image", f"{key}: {type(e).__name__}: {e}")
-                continue
-            w = js.get("width") if isinstance(js, dict) else None
-            h = js.get("height") if isinstance(js, dict) else None
-            w, h = (w, h) if isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0 else size
-            objs = js.get("objects") if isinstance(js, dict) else None
-            objs = objs if isinstance(objs, dict) else {}
-            try:
-                b = np.asarray(objs.get("boxes") or [], dtype=np.float32).reshape(-1, 4)
-            except (ValueError, TypeError):
-                out[i] = C.Skip("bad_boxes", key)
-                continue
-            labels = list(objs.get("labels") or [])
-            norm = np.concatenate([np.array([[0, 0, 1, 1]], np.float32),
-                                   b / np.array([w, h, w, h], np.float32)]).astype(np.float32)
-            names = [BACKGROUND] + [str(labels[j]) if j < len(labels) else BACKGROUND for j in range(len(b))]
-            arr = np.asarray(im, dtype=np.uint8)
+        out, ready = read_images(items, job, s)
+        pixels, boxes, meta = [], [], []
+        for i, key, _, arr, nb, labels in ready:
+            # the whole image first (the context region), then the objects
+            boxes.append(np.concatenate([np.array([[0, 0, 1, 1]], np.float32), nb.astype(np.float32)]))
             pixels.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-            boxes.append(norm)
-            meta.append((i, key, names))
+            meta.append((i, key, [BACKGROUND] + labels))
         if not pixels:
             return out
         x = (torch.stack(pixels).float().div_(255.0) - self.mean) / self.std
         with torch.inference_mode():
             fmap = self.feature_map(x.to(self.device))
-            rois = []
-            for nb in boxes:
-                nb = np.clip(nb, 0.0, 1.0)
-                nb = np.stack([np.minimum(nb[:, 0], nb[:, 2]), np.minimum(nb[:, 1], nb[:, 3]),
-                               np.maximum(nb[:, 0], nb[:, 2]), np.maximum(nb[:, 1], nb[:, 3])], 1)
-                rois.append(torch.from_numpy(nb * s).to(self.device, torch.float32))
+            rois = [torch.from_numpy(nb * s).to(self.device, torch.float32) for nb in boxes]
             pooled = roi_align(fmap.float(), rois, output_size=self.roi_size, spatial_scale=fmap.shape[-1] / s,
                                sampling_ratio=2, aligned=True).mean(dim=(2, 3)).cpu().numpy()
         start = 0
@@ -611,12 +699,39 @@ def _source(opts: dict):
     k = json.dumps(opts, sort_keys=True, default=str)
     if k not in _SOURCES:
         _SOURCES.clear()
-        _SOURCES[k] = {"npz": NpzSource, "tsv": TsvSource, "extract": Extractor}[opts["mode"]](opts)
+        if opts["mode"] == "simulate":
+            from data_recipes._regions_sim import Simulator as make
+        else:
+            make = {"npz": NpzSource, "tsv": TsvSource, "extract": Extractor}[opts["mode"]]
+        _SOURCES[k] = make(opts)
     return _SOURCES[k]
 
 
+def regions_sidecar(shard_path: str | Path) -> Path:
+    """The sidecar of a shard that got its regions in place: ``<shard>.regions.json``. The shard's ``<shard>.json``
+    stays the one of the recipe that wrote it, so that a re-run of that recipe still finds the shard finished (and,
+    rewriting nothing, keeps the ``regions`` spec of the index)."""
+    p = Path(shard_path)
+    return p.with_name(p.name + ".regions.json")
+
+
+def _in_place_done(path: Path, records: int, fp: str) -> dict | None:
+    """The regions sidecar of a shard that holds exactly what this run would write into it, else None."""
+    side = regions_sidecar(path)
+    if not (path.exists() and side.exists()):
+        return None
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("fingerprint") != fp or info.get("records") != records:
+        return None
+    return info if info.get("tar_sha1") == _file_sha1(path) else None
+
+
 def do_shard(job: dict, tick: Callable[[], None] | None = None) -> dict:
-    """Copy one input shard with ``regions.npz`` added; write its sidecar; return the sidecar dict."""
+    """Write one shard with ``regions.npz`` added (a copy, or the shard itself with ``in_place``); write its sidecar;
+    return the sidecar dict."""
     if job.get("threads"):
         import torch
 
@@ -625,12 +740,17 @@ def do_shard(job: dict, tick: Callable[[], None] | None = None) -> dict:
     skipped: Counter = Counter()
     job = dict(job, stats=Counter())
     stats = job["stats"]
+    in_place = bool(job.get("in_place"))
 
     def finish(batch):
         for (key, members, js), res in zip(batch, src.regions(batch, job)):
             if tick is not None:
                 tick()
             if isinstance(res, C.Skip):
+                if in_place:
+                    raise C.RecipeError(f"{job['in']}: sample {key} gets no regions ({res}); --in-place never drops a "
+                                        "sample (pixel models read the same directory): write the regions to a new "
+                                        "directory with --out, which drops and counts such samples")
                 skipped[res.reason] += 1
                 continue
             sample = {"__key__": key, **members}
@@ -653,30 +773,36 @@ def do_shard(job: dict, tick: Callable[[], None] | None = None) -> dict:
         if batch:
             yield from finish(batch)
 
-    n = write_shard(job["out"], samples())
+    n = write_shard(job["out"], samples())  # in place: read to the end from the old file, then renamed over it
     if stats.get("malformed_line"):
         skipped["malformed_line"] += stats.pop("malformed_line")
     info = {"samples": n, "skipped": dict(sorted(skipped.items())), "records": job["records"],
             "fingerprint": job["fp"], "stats": dict(sorted(stats.items()))}
-    atomic_write_text(C.sidecar_path(Path(job["out"])), json.dumps(info, sort_keys=True))
+    if in_place:
+        info["tar_sha1"] = _file_sha1(Path(job["out"]))
+        atomic_write_text(regions_sidecar(job["out"]), json.dumps(info, sort_keys=True))
+    else:
+        atomic_write_text(C.sidecar_path(Path(job["out"])), json.dumps(info, sort_keys=True))
     return info
 
 
 # -- build ----------------------------------------------------------------------------------------------------------
 _SHARD_FILE = re.compile(r"^.+-\d{6}\.tar(\.json)?$")
+_REGIONS_SIDECAR = re.compile(r"^(?P<shard>.+-\d{6}\.tar)\.regions\.json$")
+MODES = ("npz", "tsv", "extract", "simulate")
 
 
 def _mode(mode: str | None, npz_dir, tsv) -> str:
     given = [m for m, v in (("npz", npz_dir), ("tsv", tsv)) if v is not None]
     if mode is None:
         if len(given) != 1:
-            raise C.RecipeError("choose one region source: --npz-dir DIR, --tsv FILE or --extract")
+            raise C.RecipeError("choose one region source: --npz-dir DIR, --tsv FILE, --extract or --simulate")
         return given[0]
-    if mode not in ("npz", "tsv", "extract"):
-        raise C.RecipeError(f"mode {mode!r}: expected 'npz', 'tsv' or 'extract'")
-    if (mode == "extract" and given) or (mode != "extract" and given != [mode]):
+    if mode not in MODES:
+        raise C.RecipeError(f"mode {mode!r}: expected one of {', '.join(map(repr, MODES))}")
+    if (mode in ("extract", "simulate") and given) or (mode in ("npz", "tsv") and given != [mode]):
         raise C.RecipeError(f"mode {mode!r} with {', '.join(given) or 'no source'}: give exactly one of --npz-dir, "
-                            "--tsv, --extract")
+                            "--tsv, --extract, --simulate")
     return mode
 
 
@@ -686,34 +812,95 @@ def _split_jsons(paths: list[Path]):
             yield p, key, _json(members)
 
 
-def build(shards, out, mode: str | None = None, workers: int = 1, progress: bool = True, *, npz_dir=None, tsv=None,
-          tsv_fields=None, classes=None, backbone: str | None = None, pretrained: bool = False, weights=None,
-          image_size: int = 224, roi_size: int = 7, batch_size: int = 16, device: str = "cpu") -> dict:
-    """Write ``out`` = the shards of ``shards`` with ``regions.npz``; returns the new ``index.json`` dict.
+def _scan_objects(paths: list[Path], lookup: dict | None) -> tuple[set[str], dict[str, dict]]:
+    """The object labels of the samples of ``paths`` (their json's, else ``lookup``'s), and per shard the ``lookup``
+    entries of its samples without objects in their json."""
+    labels: set[str] = set()
+    need: dict[str, dict] = {str(p): {} for p in paths}
+    for p, key, js in _split_jsons(paths):
+        objs = js.get("objects") if isinstance(js, dict) else None
+        if not isinstance(objs, dict) and lookup is not None:
+            iid = sample_id(key, js)
+            objs = lookup.get(iid)
+            if objs is not None:
+                need[str(p)][iid] = objs
+        if isinstance(objs, dict):
+            labels.update(str(x) for x in objs.get("labels") or [])
+    return labels, need
 
-    ``mode``: "npz" (``npz_dir``), "tsv" (``tsv``) or "extract" (``backbone`` etc.); inferred from ``npz_dir``/``tsv``
-    when None. See the module docstring.
-    """
+
+def _class_list(given: list[str] | None, labels: set[str], where: str, classes_arg) -> list[str] | None:
+    if given is not None:
+        cls_list = given if given[0].lower() in _BACKGROUNDS else [BACKGROUND, *given]
+        unknown = sorted(labels - set(cls_list))
+        if unknown:
+            raise C.RecipeError(f"--classes {classes_arg}: {len(unknown)} object label(s) of {where} are not in it, "
+                                f"e.g. {', '.join(map(repr, unknown[:5]))}")
+        return cls_list
+    return [BACKGROUND, *sorted(labels - {BACKGROUND})] if labels else None
+
+
+def build(shards, out=None, mode: str | None = None, workers: int = 1, progress: bool = True, *,
+          in_place: bool = False, **kwargs) -> dict:
+    """Write ``out`` = the shards of ``shards`` with ``regions.npz`` (or, ``in_place``, rewrite ``shards`` itself);
+    returns the new ``index.json`` dict. ``mode``: "npz" (``npz_dir``), "tsv" (``tsv``), "extract" (``backbone``
+    etc.) or "simulate"; inferred from ``npz_dir``/``tsv`` when None. See the module docstring and ``build_many``."""
+    return build_many([shards], None if out is None else [out], mode, workers, progress, in_place=in_place,
+                      **kwargs)[0]
+
+
+def build_many(shards: list, outs: list | None = None, mode: str | None = None, workers: int = 1,
+               progress: bool = True, *, in_place: bool = False, npz_dir=None, tsv=None, tsv_fields=None,
+               classes=None, objects=None, backbone: str | None = None, pretrained: bool = False, weights=None,
+               image_size: int | None = None, roi_size: int = 7, batch_size: int | None = None, device: str = "cpu",
+               seed: int = 0) -> list[dict]:
+    """``build`` over several split directories at once: one class list (the union of their object labels, unless
+    ``classes`` is given), so that every directory records the same region spec, and one worker pool and progress
+    bar for all their shards. Returns their new indices, in order."""
     from tqdm import tqdm
 
-    in_dir, out_dir = Path(shards), Path(out)
     mode = _mode(mode, npz_dir, tsv)
-    try:
-        in_index = read_index(in_dir)
-    except ShardFormatError as e:
-        raise C.RecipeError(f"--shards {in_dir}: {e}") from None
-    if out_dir.resolve() == in_dir.resolve():
-        raise C.RecipeError(f"--out {out_dir} is the input directory; region features go to a new directory "
-                            "(the input shards are never modified)")
+    in_dirs = [Path(d) for d in shards]
+    if not in_dirs:
+        raise C.RecipeError("no --shards directory given")
+    if len({d.resolve() for d in in_dirs}) != len(in_dirs):
+        raise C.RecipeError("the same --shards directory is given twice")
+    if in_place:
+        if outs is not None:
+            raise C.RecipeError("--in-place rewrites the --shards directories themselves; give no --out")
+        out_dirs = list(in_dirs)
+    else:
+        if outs is None or len(outs) != len(in_dirs):
+            raise C.RecipeError(f"give one --out per --shards directory ({len(in_dirs)}), or --in-place")
+        out_dirs = [Path(o) for o in outs]
+        for i, o in zip(in_dirs, out_dirs):
+            if o.resolve() == i.resolve():
+                raise C.RecipeError(f"--out {o} is the input directory; region features go to a new directory "
+                                    "(the input shards are never modified), or use --in-place")
+    in_indices = []
+    for d in in_dirs:
+        try:
+            in_indices.append(read_index(d))
+        except ShardFormatError as e:
+            raise C.RecipeError(f"--shards {d}: {e}") from None
+    if image_size is None:
+        image_size = 128 if mode == "simulate" else 224
+    if batch_size is None:
+        batch_size = 64 if mode == "simulate" else 16
     if image_size < 8 or roi_size < 1 or batch_size < 1:
         raise C.RecipeError(f"image size {image_size} (>= 8), roi size {roi_size} and batch size {batch_size} "
                             "(>= 1) out of range")
+    if objects and mode not in ("extract", "simulate"):
+        raise C.RecipeError("--objects gives the boxes to compute features for: only with --extract or --simulate")
     given_classes = read_classes(classes) if classes is not None else None
-    in_paths = [in_dir / s["name"] for s in in_index["shards"]]
+    in_paths = [[d / s["name"] for s in idx["shards"]] for d, idx in zip(in_dirs, in_indices)]
+    all_paths = [p for ps in in_paths for p in ps]
+    where = in_dirs[0] if len(in_dirs) == 1 else f"{len(in_dirs)} directories"
 
     opts: dict[str, Any] = {"mode": mode, "version": VERSION}
     ident: dict[str, Any] = {}  # what identifies the source's content (for the fingerprint, not passed on)
     spec: dict[str, Any] = {"box_format": BOX_FORMAT, "source": mode}
+    need: dict[str, dict] = {}
     if mode == "npz":
         files = npz_listing(npz_dir)
         if not files:
@@ -737,30 +924,35 @@ def build(shards, out, mode: str | None = None, workers: int = 1, progress: bool
         opts.update(tsv=str(tsv_path.resolve()), tsv_cols=cols, tsv_ncols=ncols, tsv_header=header, expect=expect)
         spec["backbone"] = backbone or DETECTOR
     else:
-        backbone = backbone or "resnet50"
-        file, wdesc = resolve_weights(backbone, pretrained, weights)
-        labels: set[str] = set()
-        for _, _, js in _split_jsons(in_paths):
-            objs = js.get("objects") if isinstance(js, dict) else None
-            if isinstance(objs, dict):
-                labels.update(str(x) for x in objs.get("labels") or [])
-        if given_classes is not None:
-            cls_list = given_classes if given_classes[0].lower() in _BACKGROUNDS else [BACKGROUND, *given_classes]
-            unknown = sorted(labels - set(cls_list))
-            if unknown:
-                raise C.RecipeError(f"--classes {classes}: {len(unknown)} object label(s) of {in_dir} are not in it, "
-                                    f"e.g. {', '.join(map(repr, unknown[:5]))}")
+        lookup = None
+        if objects:
+            obj_files = [objects] if isinstance(objects, (str, Path)) else list(objects)
+            lookup = load_objects(obj_files)
+            ident["objects"] = [_file_sha1(Path(f)) for f in obj_files]
+        labels, need = _scan_objects(all_paths, lookup)
+        if lookup is None:
+            need = {}
+        cls_list = _class_list(given_classes, labels, where, classes)
+        if mode == "extract":
+            backbone = backbone or "resnet50"
+            file, wdesc = resolve_weights(backbone, pretrained, weights)
+            opts.update(backbone=backbone, weights_file=file, image_size=image_size, roi_size=roi_size,
+                        batch_size=batch_size, device=str(device), classes=cls_list)
+            if file:
+                ident["weights"] = _file_sha1(Path(file))
+            ext = _source(opts)  # built here for its dimension; reused by in-process shards
+            expect = ext.expect
+            spec.update(backbone=backbone, pretrained=file is not None, weights=wdesc, image_size=image_size,
+                        roi_size=roi_size, global_region=True)
         else:
-            cls_list = [BACKGROUND, *sorted(labels - {BACKGROUND})] if labels else None
-        opts.update(backbone=backbone, weights_file=file, image_size=image_size, roi_size=roi_size,
-                    batch_size=batch_size, device=str(device), classes=cls_list)
-        if file:
-            ident["weights"] = _file_sha1(Path(file))
-        ext = _source(opts)  # built here for its dimension; reused by in-process shards
-        expect = ext.expect
-        spec.update(backbone=backbone, pretrained=file is not None, weights=wdesc, image_size=image_size,
-                    roi_size=roi_size, global_region=True)
-    if mode != "extract":
+            from data_recipes import _regions_sim as sim
+
+            cls_list = cls_list or [BACKGROUND]
+            opts.update(classes=cls_list, seed=int(seed), image_size=image_size, batch_size=batch_size,
+                        sim_version=sim.VERSION)
+            expect = {"dim": sim.DIM, "num_classes": len(cls_list), "conf": False, "ref": "the simulated detector"}
+            spec.update(sim.spec(int(seed), image_size))
+    if mode in ("npz", "tsv"):
         opts["classes"] = _fit_classes(given_classes, expect["num_classes"], expect["ref"], classes)
         cls_list = opts["classes"]
     spec.update(dim=expect["dim"], num_classes=expect["num_classes"], classes=cls_list)
@@ -770,97 +962,131 @@ def build(shards, out, mode: str | None = None, workers: int = 1, progress: bool
 
     # which shards are done
     base_fp = json.dumps({"opts": opts, "ident": ident}, sort_keys=True, default=str)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = {s["name"] for s in in_index["shards"]}
-    for p in out_dir.iterdir():  # shards of an earlier run over another input: not in the index
-        if _SHARD_FILE.match(p.name) and p.name.removesuffix(".json") not in names:
-            p.unlink()
-    results, jobs = {}, []
+    plans, jobs = [], []
     total = initial = 0
-    for s, in_path in zip(in_index["shards"], in_paths):
-        fp = hashlib.sha1(f"{base_fp}\n{_file_sha1(in_path)}".encode()).hexdigest()
-        out_path = out_dir / s["name"]
-        total += s["samples"]
-        info = C.shard_done(out_path, [None] * s["samples"], fp)
-        if info is not None:
-            results[s["name"]] = info
-            initial += s["samples"]
-        else:
-            jobs.append({"in": str(in_path), "out": str(out_path), "fp": fp, "records": s["samples"], "opts": opts,
-                         "name": s["name"]})
+    for in_dir, out_dir, in_index, paths in zip(in_dirs, out_dirs, in_indices, in_paths):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = {s["name"] for s in in_index["shards"]}
+        for p in out_dir.iterdir():  # sidecars and shards of an earlier run over another input: not in the index
+            m = _REGIONS_SIDECAR.match(p.name)
+            if (m and m["shard"] not in names) or (
+                    not in_place and _SHARD_FILE.match(p.name) and p.name.removesuffix(".json") not in names):
+                p.unlink()
+        plan = {"in": in_dir, "out": out_dir, "index": in_index, "names": [], "jobs": 0}
+        for s, in_path in zip(in_index["shards"], paths):
+            out_path = out_dir / s["name"]
+            total += s["samples"]
+            if in_place:
+                fp = hashlib.sha1(base_fp.encode()).hexdigest()
+                info = _in_place_done(out_path, s["samples"], fp)
+            else:
+                fp = hashlib.sha1(f"{base_fp}\n{_file_sha1(in_path)}".encode()).hexdigest()
+                info = C.shard_done(out_path, [None] * s["samples"], fp)
+            plan["names"].append(str(out_path))
+            if info is not None:
+                plan.setdefault("done", {})[str(out_path)] = info
+                initial += s["samples"]
+            else:
+                job = {"in": str(in_path), "out": str(out_path), "fp": fp, "records": s["samples"], "opts": opts,
+                       "name": s["name"], "in_place": in_place}
+                if str(in_path) in need:
+                    job["objects"] = need[str(in_path)]
+                jobs.append(job)
+                plan["jobs"] += 1
+        try:
+            plan["old"] = json.loads((out_dir / "index.json").read_text())
+        except (OSError, ValueError):
+            plan["old"] = {}
+        if plan["jobs"]:  # until this run ends, no index claims regions that some shards do not hold yet
+            if in_place:  # pixel models keep reading the directory meanwhile: the index stays, its spec goes
+                if in_index.get("regions") is not None:
+                    write_index(out_dir, source=in_index["source"], split=in_index["split"],
+                                shards=in_index["shards"], skipped=in_index.get("skipped") or {},
+                                tokenizer=in_index.get("tokenizer"), regions=None, meta=in_index.get("meta"))
+            else:  # a reader must not take a half-rewritten directory for a finished one
+                (out_dir / "index.json").unlink(missing_ok=True)
+        plans.append(plan)
 
-    old = {}
-    try:
-        old = json.loads((out_dir / "index.json").read_text())
-    except (OSError, ValueError):
-        pass
-    if jobs:  # until this run ends, no index: a reader must not take a half-rewritten directory for a finished one
-        (out_dir / "index.json").unlink(missing_ok=True)
     scan: Counter = Counter()
-    if mode == "tsv":
-        if jobs:
-            wanted: dict[str, set] = {}
-            for p, key, js in _split_jsons([Path(j["in"]) for j in jobs]):
-                wanted.setdefault(str(p), set()).add(sample_id(key, js))
-            offsets, scan = scan_tsv(Path(opts["tsv"]), opts["tsv_cols"], opts["tsv_ncols"], opts["tsv_header"],
-                                     set().union(*wanted.values()))
-            for j in jobs:
-                j["offsets"] = {k: offsets[k] for k in wanted.get(j["in"], ()) if k in offsets}
-        else:  # nothing to do: the scan counts of the run that did it
-            scan = Counter(((old.get("meta") or {}).get("regions_build") or {}).get("tsv_scan") or {})
+    if mode == "tsv" and jobs:
+        wanted: dict[str, set] = {}
+        for p, key, js in _split_jsons([Path(j["in"]) for j in jobs]):
+            wanted.setdefault(str(p), set()).add(sample_id(key, js))
+        offsets, scan = scan_tsv(Path(opts["tsv"]), opts["tsv_cols"], opts["tsv_ncols"], opts["tsv_header"],
+                                 set().union(*wanted.values()))
+        for j in jobs:
+            j["offsets"] = {k: offsets[k] for k in wanted.get(j["in"], ()) if k in offsets}
 
-    bar = tqdm(total=total, initial=initial, desc=f"regions/{in_index['split']}", unit="img", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    results: dict[str, dict] = {}
+    for plan in plans:
+        results.update(plan.get("done") or {})
+    desc = f"regions/{in_indices[0]['split']}" if len(in_dirs) == 1 else f"regions ({len(in_dirs)} splits)"
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="img", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for j in jobs:
-                results[j["name"]] = do_shard(j, tick=lambda: bar.update(1))
+                results[j["out"]] = do_shard(j, tick=lambda: bar.update(1))
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             n = min(workers, len(jobs))
-            threads = max(1, (os.cpu_count() or 1) // n) if mode == "extract" else 1
+            threads = max(1, (os.cpu_count() or 1) // n) if mode in ("extract", "simulate") else 1
             ctx = multiprocessing.get_context("spawn")  # not fork: torch threads may hold locks
             pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
             try:
                 futures = {pool.submit(do_shard, dict(j, threads=threads)): j for j in jobs}
                 for fut in as_completed(futures):
                     j = futures[fut]
-                    results[j["name"]] = fut.result()
+                    results[j["out"]] = fut.result()
                     bar.update(j["records"])
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
+    return [_write_index(plan, results, spec, scan, mode, in_place) for plan in plans]
 
+
+def _write_index(plan: dict, results: dict, spec: dict, scan: Counter, mode: str, in_place: bool) -> dict:
+    in_dir, out_dir, in_index, old = plan["in"], plan["out"], plan["index"], plan["old"]
     skipped: Counter = Counter(in_index.get("skipped") or {})
     stats: Counter = Counter()
     out_shards = []
-    for s in in_index["shards"]:
-        info = results[s["name"]]
+    for s, path in zip(in_index["shards"], plan["names"]):
+        info = results[path]
         skipped.update(info["skipped"])
         stats.update(info.get("stats") or {})
         if info["samples"]:
             out_shards.append({"name": s["name"], "samples": info["samples"]})
+    if mode == "tsv" and not plan["jobs"]:  # nothing done here: the scan counts of the run that did it
+        scan = Counter(((old.get("meta") or {}).get("regions_build") or {}).get("tsv_scan") or {})
     if scan.get("malformed_line"):
         skipped["malformed_line"] += scan["malformed_line"]
+    meta = dict(in_index.get("meta") or {})
+    meta.pop("regions_build", None)
     tok = in_index.get("tokenizer")
-    if isinstance(tok, str) and tok and not os.path.isabs(tok):
-        tok = os.path.relpath((in_dir / tok).resolve(), out_dir.resolve())
+    if not in_place:  # paths relative to the input directory, seen from the output one
+        rel = lambda x: os.path.relpath((in_dir / x).resolve(), out_dir.resolve())  # noqa: E731
+        if isinstance(tok, str) and tok and not os.path.isabs(tok):
+            tok = rel(tok)
+        if isinstance(meta.get("answers_file"), str) and not os.path.isabs(meta["answers_file"]):
+            meta["answers_file"] = rel(meta["answers_file"])
     n_out = sum(s["samples"] for s in out_shards)
     build_meta = {"input": str(in_dir.resolve()), "input_samples": in_index["num_samples"],
                   "regions": stats.get("regions", 0), "replaced_regions": stats.get("replaced_regions", 0),
                   "mean_regions": round(stats.get("regions", 0) / n_out, 3) if n_out else 0.0}
+    if in_place:
+        build_meta["in_place"] = True
     if mode == "tsv":
         build_meta["tsv_scan"] = dict(sorted(scan.items()))
     index = write_index(out_dir, source=in_index["source"], split=in_index["split"], shards=out_shards,
                         skipped={k: v for k, v in skipped.items() if v}, tokenizer=tok, regions=spec,
-                        meta=dict(in_index.get("meta") or {}, regions_build=build_meta))
+                        meta=dict(meta, regions_build=build_meta))
     skips = ", ".join(f"{k}={v}" for k, v in index["skipped"].items()) or "none"
-    print(f"regions/{in_index['split']} ({mode}): {index['num_samples']} samples in {len(out_shards)} shards "
-          f"({len(jobs)} written, {len(in_index['shards']) - len(jobs)} already done), D={spec['dim']}, "
-          f"{build_meta['mean_regions']} regions/image -> {out_dir}; skipped: {skips}")
+    print(f"regions/{in_index['split']} ({mode}{', in place' if in_place else ''}): {index['num_samples']} samples "
+          f"in {len(out_shards)} shards ({plan['jobs']} written, {len(in_index['shards']) - plan['jobs']} already "
+          f"done), D={spec['dim']}, {build_meta['mean_regions']} regions/image -> {out_dir}; skipped: {skips}")
     return index
 
 
@@ -868,36 +1094,55 @@ def build(shards, out, mode: str | None = None, workers: int = 1, progress: bool
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_recipes.regions", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, type=Path, metavar="IN",
-                   help="input split directory (index.json + shards), written by another recipe; not modified")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT",
-                   help="output split directory: the same shards with regions.npz, and index.json")
+    p.add_argument("--shards", required=True, type=Path, nargs="+", metavar="IN",
+                   help="input split directory (index.json + shards), written by another recipe; several with "
+                        "--in-place (one class list and region spec for all)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", type=Path, default=None, metavar="OUT",
+                      help="output split directory: the same shards with regions.npz, and index.json (the input is "
+                           "not modified; samples without regions are dropped and counted)")
+    dest.add_argument("--in-place", action="store_true",
+                      help="add regions.npz to the --shards directories themselves (each shard atomically replaced, "
+                           "index.json kept valid throughout; a sample without regions is an error)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--npz-dir", type=Path, default=None, metavar="DIR", help="UNITER per-image .npz features")
     src.add_argument("--tsv", type=Path, default=None, metavar="FILE", help="BUTD/VinVL-style feature TSV")
     src.add_argument("--extract", action="store_true", help="compute features: timm backbone + RoI-align")
+    src.add_argument("--simulate", action="store_true",
+                     help="the simulated detector over the known objects (the embedded shapes world)")
     p.add_argument("--tsv-fields", default=None, metavar="A,B,...", help="column names of a headerless --tsv")
     p.add_argument("--classes", type=Path, default=None, metavar="FILE",
                    help="class names, one per line (VG 1600 objects [+ __background__ first]), or an index.json "
                         "whose regions.classes to reuse")
+    p.add_argument("--objects", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="--extract/--simulate: COCO instances files giving the boxes of samples whose json has no "
+                        "objects (VQA shards: the instances of the same images)")
     p.add_argument("--backbone", default=None, metavar="NAME",
                    help="--extract: timm model name (resnet50); otherwise the name recorded for the features "
                         f"({DETECTOR})")
     p.add_argument("--pretrained", action="store_true", help="--extract: timm weights from the local cache")
-    p.add_argument("--weights", type=Path, default=None, metavar="FILE", help="--extract: backbone weights file")
-    p.add_argument("--image-size", type=C.positive_int, default=224, metavar="S", help="--extract: resize to SxS")
+    p.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                   help="--extract: backbone weights file (.pth / .safetensors state dict of the timm model)")
+    p.add_argument("--image-size", type=C.positive_int, default=None, metavar="S",
+                   help="--extract/--simulate: resize to SxS (224 / 128)")
     p.add_argument("--roi-size", type=C.positive_int, default=7, metavar="R",
                    help="--extract: RoI-align output RxR, then mean-pooled (7)")
-    p.add_argument("--batch-size", type=C.positive_int, default=16, metavar="B", help="--extract: images per batch")
+    p.add_argument("--batch-size", type=C.positive_int, default=None, metavar="B",
+                   help="--extract/--simulate: images per batch (16 / 64)")
     p.add_argument("--device", default="cpu", help="--extract: torch device (cpu)")
+    p.add_argument("--seed", type=int, default=0, help="--simulate: seed of the conv bank, context boxes, noise (0)")
     p.add_argument("--workers", type=C.positive_int, default=1, metavar="K", help="processes, one shard each (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.out is not None and len(args.shards) != 1:
+        p.error("--out takes one --shards directory (several only with --in-place)")
+    mode = "extract" if args.extract else "simulate" if args.simulate else None
     return C.call_reporting(
-        p, build, args.shards, args.out, mode="extract" if args.extract else None, workers=args.workers,
-        progress=not args.no_progress, npz_dir=args.npz_dir, tsv=args.tsv, tsv_fields=args.tsv_fields,
-        classes=args.classes, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights,
-        image_size=args.image_size, roi_size=args.roi_size, batch_size=args.batch_size, device=args.device)
+        p, build_many, args.shards, None if args.in_place else [args.out], mode=mode, workers=args.workers,
+        progress=not args.no_progress, in_place=args.in_place, npz_dir=args.npz_dir, tsv=args.tsv,
+        tsv_fields=args.tsv_fields, classes=args.classes, objects=args.objects, backbone=args.backbone,
+        pretrained=args.pretrained, weights=args.weights, image_size=args.image_size, roi_size=args.roi_size,
+        batch_size=args.batch_size, device=args.device, seed=args.seed)
 
 
 if __name__ == "__main__":

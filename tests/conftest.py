@@ -41,11 +41,20 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory):
-    """A small shapes world (96/16/24 images at 32 px) through the real recipes: coco, vg, vqa shards + tokenizer."""
+    """A small shapes world (96/16/24 images at 32 px) through the real recipes: coco, vg, vqa shards + tokenizer,
+    with simulated-detector regions.npz in every shard (as `make shapes-regions`)."""
     from data_recipes.shapes import generate
     from data_recipes.shapes_shards import build_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     generate(root / "raw", seed=0, train=96, val=16, test=24, image_size=32, progress=False)
     build_shapes(root / "raw", root / "shards", progress=False)
+    # region features in place (make shapes-regions), so that region models read the same shard directories
+    from data_recipes.regions import build_many
+
+    ann = root / "raw" / "coco" / "annotations"
+    build_many([root / "shards" / s for s in ("coco/train", "coco/val", "coco/test", "vqa/train", "vqa/val",
+                                               "vqa/test", "vg/train")],
+               mode="simulate", in_place=True, progress=False,
+               objects=[ann / "instances_train2017.json", ann / "instances_val2017.json"])
     return root / "shards"

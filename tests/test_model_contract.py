@@ -5,22 +5,21 @@ Each model's config class provides ``tiny()``; the model provides ``example_inpu
 contract method on a batch whose texts (and, for region models, region counts) differ; no mixing between samples
 (a sample's ITM logits are the same alone and inside a padded batch); finite losses, a gradient on every trainable
 parameter; switching an objective off; a fixed batch is overfit; and ``vlp pretrain`` / ``vlp evaluate`` /
-``vlp finetune`` (VQA) run end to end on the shapes world through the contract alone.
+``vlp finetune`` (VQA) run end to end on the shapes world (with its simulated detector's regions) through the
+contract alone.
 """
 
-import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from vlp.data.visual import BATCH_KEYS, Visual
+from vlp.data.visual import BATCH_KEYS
 from vlp.models import MODELS, _import
 from vlp.models.base import Encoded, Fused, Text
 
-ROOT = Path(__file__).resolve().parents[1]
+from _tiny_runs import tiny_experiment
+
 NAMES = sorted(MODELS)
 MASK_ID = 4  # the tiny vocabularies' [MASK] stand-in for hand-made MLM inputs
 
@@ -149,49 +148,26 @@ def test_a_fixed_batch_is_overfit(name):
     assert float(total.detach()) < 0.5 * first, (first, float(total.detach()))
 
 
-# -- end to end through the CLI on the shapes world -------------------------------------------------------------------
-def tiny_yaml(name: str, tmp_path: Path, shards: Path, task: str) -> Path:
-    """An experiment file holding the model's ``tiny()`` config (vocabulary from the world's tokenizer) and a
-    seconds-sized data/trainer setup."""
-    cfg_cls, _ = _import(name)
-    model = dataclasses.asdict(cfg_cls.tiny())
-    if isinstance(model.get("text"), dict):
-        model["text"].update(vocab_size=None, pad_token_id=None)
-    size = model["vision"]["img_size"] if isinstance(model.get("vision"), dict) else 32
-    if task == "pretrain":
-        data = {"train": [{"path": str(shards / "coco/train")}], "test": str(shards / "coco/test")}
-    else:
-        model["num_answers"] = 0
-        data = {"task": "vqa", "train": [{"path": str(shards / "vqa/train")}], "test": str(shards / "vqa/test")}
-    data.update(batch_size=8, eval_batch_size=16, num_workers=0, image_size=size)
-    exp = {"name": f"{name}-{task}", "output_dir": str(tmp_path), "model": model, "data": data,
-           "optim": {"lr": 1e-3, "warmup_steps": 1},
-           "trainer": {"accelerator": "cpu", "max_steps": 2, "log_every_n_steps": 1, "checkpoint_every_n_steps": 2,
-                       "enable_progress_bar": False},
-           "eval": {"k_test": 4, "captions": "first", "progress": False}}
-    path = tmp_path / f"{name}-{task}.yaml"
-    path.write_text(yaml.safe_dump(exp))
-    return path
-
-
+# -- end to end through the CLI on the shapes world (with its simulated detector's regions) ----------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_pretrain_evaluate_and_finetune_through_the_contract(name, shapes_shards, tmp_path, capsys):
     from vlp.cli import main
 
-    pre = tiny_yaml(name, tmp_path, shapes_shards, "pretrain")
+    pre = tiny_experiment(name, tmp_path, shapes_shards, queue_size=None, max_steps=2, checkpoint_every_n_steps=2)
     assert main(["pretrain", str(pre), "--no-eval"]) == 0
-    ckpt = tmp_path / f"{name}-pretrain" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     # zero-shot retrieval on a subset, by the model's protocol and by ITM over all pairs
     assert main(["evaluate", str(pre), f"ckpt={ckpt}", "eval.subset=12"]) == 0
-    res = json.loads((tmp_path / f"{name}-pretrain" / "results.json").read_text())
+    res = json.loads((tmp_path / name / "results.json").read_text())
     assert res["retrieval_images"] == 12 and set(res["retrieval"]) >= {"txt_r1", "img_r10"}
     assert main(["evaluate", str(pre), f"ckpt={ckpt}", "eval.subset=6", "eval.first_stage=all_pairs",
                  "eval.combine=itm"]) == 0
-    res = json.loads((tmp_path / f"{name}-pretrain" / "results.json").read_text())
+    res = json.loads((tmp_path / name / "results.json").read_text())
     assert res["retrieval_protocol"] == "all_pairs+itm" and res["retrieval_images"] == 6
     # VQA fine-tuning from that checkpoint: the shared head on Fused.pooled
-    ft = tiny_yaml(name, tmp_path, shapes_shards, "vqa")
+    ft = tiny_experiment(name, tmp_path, shapes_shards, task="vqa", queue_size=None, max_steps=2,
+                         checkpoint_every_n_steps=2)
     assert main(["finetune", str(ft), f"ckpt={ckpt}"]) == 0
     out = capsys.readouterr().out
     assert "newly initialised: vqa_head" in out

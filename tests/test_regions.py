@@ -332,3 +332,228 @@ def test_npz_bytes_is_deterministic_and_loadable(monkeypatch):
     z = np.load(io.BytesIO(data), allow_pickle=False)
     assert np.array_equal(z["features"], a["features"]) and list(z["labels"]) == ["a", "bb"]
     assert json.dumps(sorted(z.files)) == '["features", "labels"]'
+
+
+# -- (c) the embedded default: the simulated detector, in place, on the shapes world -------------------------------
+SPLITS = ("coco/train", "coco/val", "coco/test", "vqa/train", "vqa/val", "vqa/test", "vg/train")
+SHAPE_CLASSES = ["__background__", "circle", "cross", "diamond", "square", "triangle"]
+
+
+def simulate(root: Path, **kw) -> list[dict]:
+    ann = root / "raw" / "coco" / "annotations"
+    return R.build_many([root / "shards" / s for s in SPLITS], mode="simulate", in_place=True, progress=False,
+                        objects=[ann / "instances_train2017.json", ann / "instances_val2017.json"], **kw)
+
+
+@pytest.fixture(scope="module")
+def world(shapes_shards, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A copy of the session's small shapes world (raw + shards), its shards given regions in place."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("shapes_regions")
+    shutil.copytree(shapes_shards.parent / "raw", root / "raw")
+    shutil.copytree(shapes_shards, root / "shards")
+    return root, simulate(root)
+
+
+def samples_of(split_dir: Path) -> dict[str, dict]:
+    """key -> {"json": dict, "regions": npz arrays} through the index."""
+    out = {}
+    for key, fields in members(split_dir).items():
+        out[key] = {"json": json.loads(fields["json"]), "raw": fields,
+                    "regions": dict(np.load(io.BytesIO(fields["regions.npz"]), allow_pickle=False))}
+    return out
+
+
+def test_simulate_spec_is_one_for_all_splits_and_the_shards_keep_every_member(world, shapes_shards):
+    root, indices = world
+    spec = indices[0]["regions"]
+    assert all(i["regions"] == spec for i in indices)  # mixable: the data module compares specs
+    assert spec["source"] == "simulate" and spec["dim"] == 128 and spec["box_format"] == "xyxy_norm"
+    assert spec["classes"] == SHAPE_CLASSES and spec["num_classes"] == 6 and spec["pretrained"] is False
+    assert spec["fields"] == ["boxes", "cls_prob", "features", "labels"]
+    assert spec["feature_layout"] == [["rgb_grid", 0, 108], ["conv", 108, 128]]
+    for split, index in zip(SPLITS, indices):
+        before, d = read_index(shapes_shards / split), root / "shards" / split
+        assert index == read_index(d)
+        assert {k: v for k, v in index.items() if k not in ("regions", "meta")} == \
+               {k: v for k, v in before.items() if k not in ("regions", "meta")}  # same shards, counts, tokenizer
+        assert {k: v for k, v in index["meta"].items() if k != "regions_build"} == \
+               {k: v for k, v in before["meta"].items() if k != "regions_build"}
+        assert index["meta"]["regions_build"]["in_place"] is True
+        assert_originals_kept(shapes_shards / split, d)
+        for s in index["shards"]:  # the writing recipe's sidecar is untouched; ours sits beside it
+            assert (d / f"{s['name']}.json").read_bytes() == (shapes_shards / split / f"{s['name']}.json").read_bytes()
+            assert json.loads((d / f"{s['name']}.regions.json").read_text())["samples"] == s["samples"]
+
+
+def test_simulate_boxes_labels_and_soft_class_distributions(world):
+    root, _ = world
+    n_regions, hits, rows, peaked, extra = [], [], 0, 0, 0
+    coco_objects = {}
+    for split in SPLITS:  # coco first: the VQA samples' objects are those of the same COCO images
+        for key, s in samples_of(root / "shards" / split).items():
+            js, r = s["json"], s["regions"]
+            n = len(r["boxes"])
+            assert r["features"].shape == (n, 128) and r["features"].dtype == np.float16
+            assert r["boxes"].dtype == np.float32 and r["boxes"].min() >= 0 and r["boxes"].max() <= 1
+            assert np.all(r["boxes"][:, 2] > r["boxes"][:, 0]) and np.all(r["boxes"][:, 3] > r["boxes"][:, 1])
+            assert r["cls_prob"].shape == (n, 6) and r["cls_prob"].dtype == np.float16 and r["labels"].shape == (n,)
+            p = r["cls_prob"].astype(np.float32)
+            np.testing.assert_allclose(p.sum(1), 1.0, atol=3e-3)
+            rows += n
+            peaked += int((p.max(1) > 0.995).sum())
+            if "objects" in js:
+                objs = js["objects"]
+            else:  # VQA shards carry no objects: they came from the instances file (the COCO sample's)
+                objs = coco_objects[js["image_id"]]
+            want = np.asarray(objs["boxes"], np.float32).reshape(-1, 4) / np.float32(js["width"])
+            for b, name in zip(want, objs["labels"]):  # every object is a region, under its name
+                j = int(np.abs(r["boxes"] - b).max(1).argmin())
+                np.testing.assert_allclose(r["boxes"][j], b, atol=1e-6)
+                assert r["labels"][j] == name
+                hits.append(SHAPE_CLASSES[int(p[j].argmax())] == name)
+            n_regions.append(n)
+            extra += n - len(want)
+            assert set(r["labels"]) <= set(SHAPE_CLASSES) and set(objs["labels"]) <= set(r["labels"])
+            if split.startswith("coco"):
+                coco_objects[js["image_id"]] = objs
+    assert 0.85 <= np.mean(hits) < 1.0  # a detector that is mostly right
+    assert peaked / rows < 0.1  # soft, not one-hot
+    assert len(set(n_regions)) >= 4 and extra > 0 and min(n_regions) >= 1  # counts differ across images
+
+
+
+def test_same_image_same_regions_across_sources(world):
+    root, _ = world
+    coco = {s["json"]["image_id"]: s["raw"]["regions.npz"] for s in samples_of(root / "shards" / "coco" / "val").values()}
+    vqa = {s["json"]["image_id"]: s["raw"]["regions.npz"] for s in samples_of(root / "shards" / "vqa" / "val").values()}
+    assert set(vqa) <= set(coco) and all(vqa[i] == coco[i] for i in vqa)  # same image bytes + same boxes
+
+
+def test_simulated_features_carry_colour_shape_and_size(world):
+    """A linear probe fitted on the train objects' features reads colour, shape and size off the test objects."""
+    root, _ = world
+    truth = {}  # image id -> its scene's objects (colour, shape, size, bbox in pixels)
+    for split in ("train", "test"):
+        for scene in json.loads((root / "raw" / f"scenes_{split}.json").read_text()).values():
+            truth[scene["image_id"]] = scene["objects"]
+    data = {}
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for s in samples_of(root / "shards" / "coco" / split).values():
+            js, r = s["json"], s["regions"]
+            for b in js["objects"]["boxes"]:
+                objs = truth[js["image_id"]]
+                o = objs[int(np.argmin([np.abs(np.subtract(x["bbox"], b)).max() for x in objs]))]
+                j = int(np.abs(r["boxes"] - np.float32(b) / js["width"]).max(1).argmin())
+                xs.append(r["features"][j].astype(np.float64))
+                ys.append((o["colour"], o["shape"], o["size"]))
+        data[split] = (np.stack(xs), ys)
+    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    ftr, fte = (xtr - mu) / sd, (xte - mu) / sd
+    for k, least in ((0, 0.95), (1, 0.9), (2, 0.85)):  # colour, shape, size (measured: 1.0, 1.0, 0.96)
+        names = sorted({y[k] for y in ytr})
+        t = np.eye(len(names))[[names.index(y[k]) for y in ytr]]
+        w = np.linalg.solve(ftr.T @ ftr + 10.0 * np.eye(ftr.shape[1]), ftr.T @ t)  # ridge regression probe
+        acc = np.mean([names[i] == y[k] for i, y in zip((fte @ w).argmax(1), yte)])
+        assert acc >= least, (k, acc)
+
+
+def test_region_only_batches_from_the_data_module(world, shards):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vlp.data.config import ShardsDataConfig, SourceConfig
+    from vlp.data.datamodule import ShardDataModule
+    from vlp.data.shards import ShardFormatError
+    from vlp.data.visual import Visual
+
+    root, _ = world
+    for split, extra in (("coco", {}), ("vqa", {"task": "vqa"})):
+        d = root / "shards" / split
+        cfg = ShardsDataConfig(train=[SourceConfig(str(d / "train"))], batch_size=8, images=False, regions=True,
+                               test=str(d / "test"), eval_batch_size=8, **extra)
+        dm = ShardDataModule(cfg)
+        stream = dm.build_train_stream()
+        stream.set_epoch(0)
+        batches = list(DataLoader(stream, batch_size=None, num_workers=0))[:3]
+        for b in batches + [next(iter(dm.test_dataloader()))]:
+            assert "image" not in b and "image_aug" not in b
+            f, m = b["region_features"], b["region_mask"]
+            assert f.dtype == torch.float32 and f.shape[0] == 8 and f.shape[2] == 128
+            assert b["region_boxes"].shape == (*f.shape[:2], 4) and b["region_cls_prob"].shape == (*f.shape[:2], 6)
+            assert m.shape == f.shape[:2] and len(set(m.sum(1).tolist())) > 1  # region counts differ
+            assert [len(x) for x in b["region_labels"]] == m.sum(1).tolist()
+            assert (f[~m] == 0).all() and (b["region_cls_prob"][m].sum(-1) - 1).abs().max() < 3e-3
+            v = Visual.from_batch(b)
+            assert not v.has_pixels and v.has_regions and v.batch_size == 8 and v.labels == b["region_labels"]
+            v.require("features", "boxes", "mask", "cls_prob", "labels", model="UNITER")
+    # a directory without the spec (regions null in its index): refused
+    with pytest.raises(ShardFormatError, match="'regions' is null but data.regions=true"):
+        ShardDataModule(ShardsDataConfig(train=[SourceConfig(str(shards))], regions=True,
+                                         images=False)).build_train_stream()
+
+
+def test_in_place_rerun_skips_finished_shards_and_redoes_replaced_ones(world, shapes_shards):
+    from data_recipes.shapes_shards import build_shapes
+
+    root, first = world
+    d = root / "shards"
+    before = {s: mtimes(d / s) for s in SPLITS}
+    assert simulate(root) == first  # nothing to do: no shard rewritten (the same indices)
+    assert all({k: v for k, v in mtimes(d / s).items() if k != "index.json"} ==
+               {k: v for k, v in before[s].items() if k != "index.json"} for s in SPLITS)
+    # the writing recipes re-run: their sidecars find every shard finished, so the spec survives
+    built = build_shapes(root / "raw", d, progress=False)
+    assert built["coco"]["train"]["regions"] == first[0]["regions"]
+    assert all(mtimes(d / s)[n] == before[s][n] for s in SPLITS for n in before[s] if n.endswith(".tar"))
+    # a shard replaced by another writer (here: the same samples without regions.npz) is redone, and only it
+    name = first[0]["shards"][0]["name"]
+    write_shard(d / "coco" / "train" / name, [{"__key__": k, **{f: v for f, v in m.items() if f != "regions.npz"}}
+                                              for k, m in R.iter_tar_samples(shapes_shards / "coco" / "train" / name)])
+    t0 = mtimes(d / "coco" / "train")
+    again = simulate(root)
+    assert [i["regions"] for i in again] == [i["regions"] for i in first]
+    assert [i["shards"] for i in again] == [i["shards"] for i in first]
+    t1 = mtimes(d / "coco" / "train")
+    assert [n for n in t1 if n.endswith(".tar") and t1[n] != t0[n]] == [name]
+    assert "regions.npz" in members(d / "coco" / "train")["coco-1"]
+
+
+def test_in_place_never_drops_a_sample(shards, tmp_path, npz_dir):
+    import shutil
+
+    d, _ = npz_dir  # no npz for image 2
+    work = tmp_path / "train"
+    shutil.copytree(shards, work)
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    with pytest.raises(C.RecipeError, match=r"coco-2 gets no regions .*--in-place never drops a sample"):
+        R.build(work, npz_dir=d, in_place=True, progress=False)
+    after = {p.name: p.read_bytes() for p in work.iterdir() if not p.name.endswith(".regions.json")}
+    assert after["train-000001.tar"] == before["train-000001.tar"]  # the failing shard is untouched
+    assert read_index(work)["regions"] is None
+    with pytest.raises(C.RecipeError, match="one --out per --shards"):
+        R.build(work, npz_dir=d, progress=False)
+    with pytest.raises(C.RecipeError, match="only with --extract or --simulate"):
+        R.build(work, tmp_path / "o", npz_dir=d, objects=[tmp_path / "x.json"], progress=False)
+
+
+def test_simulate_command_line_and_missing_objects(world, tmp_path, capsys):
+    import shutil
+
+    root, _ = world
+    work = tmp_path / "vqa_test"
+    shutil.copytree(root / "shards" / "vqa" / "test", work)
+    # VQA shards carry no objects: with the wrong instances file (train2017; the test images are in val2017) every
+    # sample is missing_objects, which in place is an error; meanwhile the index stays readable, without a spec
+    ann = root / "raw" / "coco" / "annotations"
+    argv = ["--shards", str(work), "--in-place", "--simulate", "--no-progress"]
+    assert R.main(argv + ["--objects", str(ann / "instances_train2017.json")]) == 2
+    assert "missing_objects: vqa-" in capsys.readouterr().err
+    assert read_index(work)["regions"] is None and read_index(work)["num_samples"] > 0
+    assert R.main(argv + ["--objects", str(ann / "instances_val2017.json")]) == 0
+    assert read_index(work)["regions"]["dim"] == 128
+    with pytest.raises(SystemExit):  # several directories only in place
+        R.main(["--shards", str(work), str(work), "--out", str(tmp_path / "o"), "--simulate"])

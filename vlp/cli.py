@@ -13,6 +13,8 @@ import sys
 
 from vlp.config import ConfigError
 from vlp.utils.checkpoint import CheckpointError
+from vlp.utils.nonfinite import NonFiniteError
+from vlp.utils.stalls import StallError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -163,3 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # one line naming the file and what was expected; never a torch traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # one line naming the step and the loss terms (trainer.nonfinite=stop)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except StallError as e:  # one line naming the rank and what it waited for (vlp.utils.stalls)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3

@@ -60,7 +60,7 @@ def registry_field(section: str, default: str | None = None):
 
 @dataclass
 class TrainerConfig:
-    """Arguments of ``lightning.Trainer`` (one-to-one) plus checkpoint cadence."""
+    """Arguments of ``lightning.Trainer`` (one-to-one) plus checkpoint cadence and the collective timeout."""
 
     accelerator: str = "auto"
     devices: Any = 1  # int, "auto" or a list of device ids, as Lightning takes it
@@ -81,6 +81,23 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     checkpoint_every_n_steps: int = 200
+    # A NaN/inf loss or gradient: "stop" (one error naming the step and the loss terms, exit 1, no checkpoint of the
+    # bad state) or "skip" (drop that update, count it as train/skipped_nonfinite); see vlp.utils.nonfinite.
+    nonfinite: str = "stop"
+    # Seconds a rank may wait for the others in a collective (the process group's timeout; DDP-family strategies)
+    # before the run stops with an error naming the rank; the same command then resumes it. Longer than
+    # data.loader_start_timeout_s, so that a rank stuck on its loader reports that first.
+    collective_timeout_s: float = 1800.0
+    # Seconds for all ranks to start and join the process group (its rendezvous); null: collective_timeout_s.
+    rendezvous_timeout_s: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("collective_timeout_s", "rendezvous_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value} must be > 0")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"trainer.nonfinite must be stop or skip, got {self.nonfinite!r}")
 
 
 @dataclass

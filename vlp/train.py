@@ -68,12 +68,13 @@ def resolve(cfg: ExperimentConfig):
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of the run: ``checkpoints/*.ckpt`` (``last.ckpt`` is written right after the
-    periodic one, so a kill in between leaves the periodic one newest) or SLURM's ``hpc_ckpt_*.ckpt`` (written on
-    pre-emption). Checkpoints are written atomically, so whatever exists is whole."""
-    candidates = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    candidates = [p for p in candidates if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    """The newest checkpoint of the run that loads (``vlp.resume.select_checkpoint``; damaged ones are passed over
+    with a warning, here without moving them): ``checkpoints/*.ckpt`` or SLURM's ``hpc_ckpt_*.ckpt``."""
+    from vlp.resume import select_checkpoint
+
+    found = select_checkpoint(run_dir, set_aside_damaged=False, require=(),
+                              expect="a vlp checkpoint (.ckpt of vlp pretrain, finetune or convert)")
+    return found.path if found is not None else None
 
 
 def restore_metrics(metrics_csv: Path, checkpoint: dict) -> None:
@@ -112,8 +113,11 @@ class FlushMetricsOnCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if trainer.logger is not None:
             trainer.logger.save()
-        # The row of the step being checkpointed reaches the logger only after this hook; keep it with the state.
-        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "data/"))}
+        # The row of the step being checkpointed reaches the logger only after this hook; keep it with the state:
+        # exactly what this step logged (vlp.utils.step_metrics), as the logger will be handed it.
+        from vlp.utils.step_metrics import logged_this_step
+
+        row = {k: float(v) for k, v in logged_this_step(trainer, "log").items() if k.startswith(("train/", "data/"))}
         if row:
             checkpoint["vlp_metrics_row"] = {**row, "step": trainer.global_step - 1, "epoch": trainer.current_epoch}
 
@@ -145,13 +149,37 @@ def _csv_logger(run_dir: Path):
     return ContinuingCSVLogger(save_dir=str(run_dir), name="", version="")
 
 
+def _strategy(t):
+    """``trainer.strategy``, built with the process group's timeout when it names a registered strategy that takes
+    one (the DDP family, FSDP, DeepSpeed); other names go to Lightning unchanged. The group is created with
+    ``trainer.rendezvous_timeout_s`` (all ranks must start and join within it); a callback then sets
+    ``trainer.collective_timeout_s`` for every collective after it (``vlp.utils.stalls.trainer_callbacks``)."""
+    import inspect
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if not isinstance(t.strategy, str) or t.strategy not in StrategyRegistry:
+        return t.strategy
+    entry = StrategyRegistry[t.strategy]
+    if "timeout" not in inspect.signature(entry["strategy"].__init__).parameters:
+        return t.strategy
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=_rendezvous_s(t)))
+
+
+def _rendezvous_s(t) -> float:
+    return t.rendezvous_timeout_s if t.rendezvous_timeout_s is not None else t.collective_timeout_s
+
+
 def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    from vlp.utils.stalls import prestart_worker_server, trainer_callbacks
+
     t = cfg.trainer
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=_strategy(t),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
@@ -166,8 +194,67 @@ def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=str(run_dir),
         logger=_csv_logger(run_dir),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *trainer_callbacks(t.collective_timeout_s)],
     )
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if t.strategy == "auto" and isinstance(trainer.strategy, DDPStrategy):
+        # Lightning chose DDP itself (several devices): its process group has not been created yet, so the timeout
+        # can still be set (the attribute DDPStrategy(timeout=...) stores).
+        from datetime import timedelta
+
+        trainer.strategy._timeout = timedelta(seconds=_rendezvous_s(t))
+    start = getattr(cfg.data, "loader_start_timeout_s", 0)
+    if trainer.world_size > 1 and getattr(cfg.data, "num_workers", 0) > 0 and start >= t.collective_timeout_s:
+        log.warning("data.loader_start_timeout_s=%g >= trainer.collective_timeout_s=%g: a rank stuck on its loader "
+                    "would be reported by the ranks waiting for it, not by itself", start, t.collective_timeout_s)
+    prestart_worker_server(getattr(cfg.data, "worker_start", "auto"), getattr(cfg.data, "num_workers", 0),
+                           distributed=trainer.world_size > 1)
+    return trainer
+
+
+def _fit_or_stall(cfg: ExperimentConfig, trainer: L.Trainer, *args, **kwargs) -> None:
+    """``trainer.fit``; a collective that timed out or lost its peers becomes a ``StallError`` naming this rank, and
+    a failing launcher rank stops the ranks it launched (they would otherwise wait for it until their own
+    timeouts)."""
+    from vlp.utils.stalls import StallError, collective_failure, ranks_failed_first
+
+    try:
+        trainer.fit(*args, **kwargs)
+    except BaseException as e:
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+        t = cfg.trainer
+        stall = collective_failure(e, t.collective_timeout_s, _rendezvous_s(t)) if isinstance(e, Exception) else None
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            import signal
+            import subprocess
+            import time
+
+            # A rank that failed first may still be exiting after its error; one that this rank timed out waiting
+            # for is stuck.
+            deadline = time.monotonic() + (0 if stall is not None and stall.kind == "collective" else 3)
+            failed = {}
+            for local_rank, proc in enumerate(launcher.procs, start=1):
+                try:
+                    code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                else:
+                    if code:
+                        failed[trainer.node_rank * (len(launcher.procs) + 1) + local_rank] = code
+            if failed and stall is not None and stall.kind == "peer":
+                stall = ranks_failed_first(failed)
+            # Lightning's child-process observer watches this same list and SIGKILLs this process when a child
+            # exited non-zero; the children were stopped on purpose, so this process reports the error and exits.
+            launcher.procs.clear()
+        if stall is not None:
+            raise stall from None
+        if isinstance(e, StallError):
+            raise e from None
+        raise
 
 
 def enable_grad_checkpointing(model) -> int:
@@ -183,31 +270,54 @@ def enable_grad_checkpointing(model) -> int:
     return n
 
 
-def start_run(cfg: ExperimentConfig) -> Path | None:
-    """Create the run directory and save the resolved config.yaml (a resumed run whose config changed gets the new
-    one, with a warning); returns the checkpoint to resume from, if any."""
+def start_run(cfg: ExperimentConfig):
+    """Check the run directory, then create it and save the resolved config.yaml; returns the ``vlp.resume.Resume``
+    to continue from, or None for a fresh start.
+
+    Before anything is written: when the run has checkpoints and a config.yaml, the new config may differ from the
+    saved one only in ``vlp.resume.RESUME_SAFE`` keys (else ``ResumeConfigError`` listing the changed keys). Then the
+    newest checkpoint that loads is chosen (damaged ones are renamed ``<name>.corrupt``, with a warning). A resume
+    with safe changes saves the new config.yaml and names the changes; a fresh start (no usable checkpoint) trims
+    metrics.csv of an earlier attempt's rows. Only global rank 0 writes."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from vlp.resume import check_resume_config, scan_checkpoints, set_aside
+
     run_dir = cfg.run_dir
+    saved_path = run_dir / "config.yaml"
+    resume, damaged = scan_checkpoints(run_dir) if run_dir.is_dir() else (None, [])
+    changed: list[str] = []
+    if resume is not None and saved_path.exists():
+        changed = check_resume_config(config_lib.load(saved_path), cfg, saved_path)
+    set_aside(damaged)
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return resume
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = find_resume_checkpoint(run_dir)
-    if resume is None or not (run_dir / "config.yaml").exists():
-        config_lib.save(cfg, run_dir / "config.yaml")
-    else:
-        saved = config_lib.load(run_dir / "config.yaml")
-        if saved != cfg:
-            config_lib.save(cfg, run_dir / "config.yaml")
-            log.warning("resuming %s with a config that differs from its saved config.yaml", run_dir)
+    if resume is None or not saved_path.exists() or changed:
+        config_lib.save(cfg, saved_path)
+    if resume is not None and changed:
+        log.warning("resuming %s with changed %s (saved to its config.yaml)", run_dir, ", ".join(changed))
+    if resume is None and (run_dir / "metrics.csv").exists():
+        restore_metrics(run_dir / "metrics.csv", {"global_step": 0})
     return resume
 
 
 def run_callbacks(cfg: ExperimentConfig) -> list:
-    """Periodic checkpoints + ``last.ckpt`` in ``<run>/checkpoints``, and metrics.csv flushed with each of them."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    """Periodic checkpoints + ``last.ckpt`` in ``<run>/checkpoints`` (and the final step in both, whatever the
+    cadence), metrics.csv flushed with each of them and holding each step's own values
+    (``vlp.utils.step_metrics``); the per-step seeding of every random draw (``vlp.utils.rng.StepSeeding``) and the
+    non-finite loss policy (``vlp.utils.nonfinite_guard.NonFiniteGuard``)."""
+    from vlp.resume import RunCheckpoint
+    from vlp.utils.nonfinite_guard import NonFiniteGuard
+    from vlp.utils.rng import StepSeeding
+    from vlp.utils.step_metrics import FreshStepMetrics
 
-    ckpt = ModelCheckpoint(
+    ckpt = RunCheckpoint(
         dirpath=str(cfg.run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1,
     )
-    return [ckpt, FlushMetricsOnCheckpoint()]
+    return [StepSeeding(cfg.seed), FreshStepMetrics(), NonFiniteGuard(cfg.trainer.nonfinite), ckpt,
+            FlushMetricsOnCheckpoint()]
 
 
 def _batches_per_rank(cfg: ExperimentConfig, trainer: L.Trainer, dm) -> int:
@@ -238,26 +348,64 @@ def bind_schedule(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.T
         module.optim_cfg = dataclasses.replace(optim, steps_per_epoch=max(1, per_epoch))
 
 
-def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm, resume: Path | None) -> None:
-    """``trainer.fit`` (from ``resume`` when given: metrics.csv trimmed to its step), then the loss plot."""
+def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm, resume) -> None:
+    """``trainer.fit`` (from ``resume``, a ``vlp.resume.Resume``, when given: metrics.csv trimmed to its step), then
+    the loss plot."""
     if resume is not None:
-        # The run directory's file is checked by the safe reader first, so a damaged or code-carrying checkpoint is
-        # refused with its name before Lightning reads it (which it then does with weights_only=True as well).
-        state = read_checkpoint(resume, expect=RESUMABLE, require=("optimizer_states", "global_step"))
-        restore_metrics(cfg.run_dir / "metrics.csv", state)
-        del state
-        print(f"resuming from {resume}")
+        # The run directory's file was read by the safe reader when it was chosen (vlp.resume.select_checkpoint), so
+        # a damaged or code-carrying checkpoint never reaches Lightning (which reads it with weights_only=True too).
+        if trainer.is_global_zero:
+            restore_metrics(cfg.run_dir / "metrics.csv", resume.as_checkpoint())
+        print(f"resuming from {resume.path}")
     fit_module = torch.compile(module) if cfg.trainer.compile else module
-    trainer.fit(fit_module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+    _fit_or_stall(cfg, trainer, fit_module, datamodule=dm, ckpt_path=str(resume.path) if resume else None,
+                  weights_only=True)
     if trainer.is_global_zero:
         from vlp.plots import plot_losses
 
         plot_losses(cfg.run_dir / "metrics.csv", cfg.run_dir / "loss.png", title=cfg.name)
 
 
+def _finished(cfg: ExperimentConfig, resume, pending_eval: str | None = None) -> bool:
+    """Whether this is a re-run of a finished run (its newest checkpoint reached ``max_steps`` / ``max_epochs``);
+    then it says so and does nothing (no training, no file written). ``pending_eval``: a note to print instead of
+    "nothing to do" when the final evaluation is still to be run (it was killed before writing results.json)."""
+    from vlp.resume import is_finished
+
+    if resume is None or not is_finished(resume, cfg.trainer):
+        return False
+    limit = (f"trainer.max_steps={cfg.trainer.max_steps}" if cfg.trainer.max_steps and cfg.trainer.max_steps > 0
+             else f"trainer.max_epochs={cfg.trainer.max_epochs}")
+    then = pending_eval or (f"nothing to do (raise {limit.split('=')[0]} to train on; `vlp evaluate` re-evaluates "
+                            f"it)")
+    print(f"{cfg.run_dir}: already finished ({resume.path.name} holds step {resume.global_step}, {limit}); {then}")
+    return True
+
+
+def _evaluated(run_dir: Path, step: int, section: str) -> bool:
+    """Whether ``<run>/results.json`` holds ``section`` for ``step``."""
+    from vlp.eval.results import read_results
+
+    try:
+        results = read_results(run_dir)
+    except Exception:  # missing or unreadable: not evaluated
+        return False
+    return bool(results) and section in results and results.get("step") == step
+
+
 def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     cfg, dm = resolve(cfg)
     resume = start_run(cfg)
+    wants_eval = evaluate_after and bool(getattr(cfg.data, cfg.eval.split, None))
+    eval_pending = wants_eval and resume is not None and not _evaluated(cfg.run_dir, resume.global_step, "retrieval")
+    if _finished(cfg, resume, "evaluating its final checkpoint" if eval_pending else None):
+        if eval_pending:  # a run killed during its final evaluation: only that is left to do
+            from vlp.eval.run import evaluate_retrieval_run
+
+            model = build_model(cfg)
+            model.load_state_dict(read_checkpoint(resume.path, expect=RESUMABLE)["state_dict"])
+            evaluate_retrieval_run(cfg, model.eval(), dm, None, step=resume.global_step)
+        return cfg.run_dir
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
     if cfg.trainer.gradient_checkpointing:
@@ -282,6 +430,8 @@ def finetune(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     cfg, dm = resolve(cfg)
     cfg = task_lib.prepare(cfg, dm)
     resume = start_run(cfg)
+    if _finished(cfg, resume):
+        return cfg.run_dir
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = task_lib.build(cfg, dm, init=resume is None)
     if cfg.trainer.gradient_checkpointing:

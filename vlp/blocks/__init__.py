@@ -1,6 +1,7 @@
 """Shared encoder blocks: vision tower (timm ViT / CLIP-ViT), BERT parts (embeddings, plain and cross-attending layer
 stacks, MLM head, pretrained loading by layer range), text towers built from them (HF BERT/RoBERTa with fusion layers
-and MLM head), two-stream co-attention fusion with bridge layers, heads, momentum (EMA) twins and feature queues.
+and MLM head), two-stream co-attention fusion with bridge layers, the detector-region embedder (UNITER), heads,
+momentum (EMA) twins and feature queues.
 
 Names are imported lazily, so ``import vlp.blocks.momentum`` (or ``heads``) does not pay for timm/transformers.
 """
@@ -34,6 +35,8 @@ _EXPORTS = {
     "BridgeLayer": "fusion",
     "CoAttentionStack": "fusion",
     "BRIDGE_KINDS": "fusion",
+    "RegionEmbedder": "regions",
+    "location_features": "regions",
     "Projection": "heads",
     "ITMHead": "heads",
     "Pooler": "heads",

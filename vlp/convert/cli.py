@@ -8,6 +8,8 @@ Kinds:
 * ``bridgetower``: an official ``microsoft/BridgeTower`` Lightning checkpoint (.ckpt);
 * ``tcl``: an official TCL / ALBEF checkpoint (``{"model": state_dict}``); sizes are read from the tensor shapes,
   attention heads are width / 64 unless ``--vision-heads`` / ``--text-heads`` say otherwise;
+* ``uniter``: an official UNITER state dict (``model_step_N.pt``, ``uniter-base.pt``, ``uniter-base-init.pt``; key map
+  in ``vlp.convert.uniter``); sizes from the shapes, attention heads width / 64 unless ``--text-heads``;
 * ``clip-visual``: an OpenAI CLIP state dict (``visual.*`` keys, or a bare visual tower) -> a timm-named CLIP
   image tower (.pt) for ``model.vision.checkpoint`` (``VisionConfig.clip``).
 
@@ -20,8 +22,8 @@ import argparse
 from pathlib import Path
 
 HELP = "convert an official or transformers checkpoint into a vlp checkpoint (bridgetower-hf, bridgetower, tcl, " \
-       "clip-visual)"
-KINDS = ("bridgetower-hf", "bridgetower", "tcl", "clip-visual")
+       "uniter, clip-visual)"
+KINDS = ("bridgetower-hf", "bridgetower", "tcl", "uniter", "clip-visual")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="source checkpoint file or directory")
     p.add_argument("dst", help="vlp checkpoint to write (.ckpt; .pt for clip-visual)")
     p.add_argument("--vision-heads", type=int, default=None, help="tcl: ViT attention heads (default width / 64)")
-    p.add_argument("--text-heads", type=int, default=None, help="tcl: BERT attention heads (default width / 64)")
+    p.add_argument("--text-heads", type=int, default=None, help="tcl, uniter: BERT attention heads (default width / "
+                                                                "64)")
     p.add_argument("--prefix", default=None, help="clip-visual: key prefix of the image tower (default: 'visual.' "
                                                   "when such keys exist, else none)")
 
@@ -53,6 +56,10 @@ def run(args) -> int:
 
         cfg, sd = load_official(src)
         module = build_module(cfg, sd)
+    elif args.kind == "uniter":
+        from vlp.convert.uniter import convert_checkpoint
+
+        module = convert_checkpoint(src, args.text_heads)
     else:
         from vlp.convert.tcl import convert_checkpoint
 

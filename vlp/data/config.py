@@ -34,6 +34,14 @@ class ShardsDataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 0
+    # How loader workers start (vlp.utils.stalls): auto (forkserver when a process group exists or the process runs
+    # other threads, whose held locks a forked worker would inherit; else fork) | fork | forkserver | spawn.
+    worker_start: str = "auto"
+    # Seconds a loader with workers may go without producing a batch before the run stops with an error naming the
+    # rank (0: wait forever); the first batch of each fresh loader (an epoch's, an evaluation's) gets the longer
+    # start timeout (workers starting, shards opening). Keep both below trainer.collective_timeout_s.
+    loader_timeout_s: float = 300.0
+    loader_start_timeout_s: float = 900.0
     image_size: int = 64
     max_text_len: int = 32
     eval_max_text_len: Optional[int] = None  # retrieval texts (encode_texts); None: max_text_len (TCL official: 30)
@@ -71,6 +79,13 @@ class ShardsDataConfig:
                              f"{self.caption_preprocess!r}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
+        from vlp.utils.stalls import WORKER_STARTS
+
+        if self.worker_start not in WORKER_STARTS:
+            raise ValueError(f"worker_start must be one of {', '.join(WORKER_STARTS)}, got {self.worker_start!r}")
+        for name in ("loader_timeout_s", "loader_start_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: wait forever)")
         if self.max_words < 1:
             raise ValueError(f"max_words={self.max_words} must be >= 1")
         for name in ("max_text_len", "eval_max_text_len"):

@@ -18,10 +18,17 @@ Outside Lightning, call ``record(batch)`` for each batch you consume.
 The epoch of a new iteration is ``trainer.current_epoch``, except that a recorded position is honoured: if the
 recorded epoch is unfinished the iteration continues it, and if it is finished the next epoch starts. This is what a
 resume from any Lightning checkpoint (mid-epoch, last batch, epoch end, after validation) needs.
+
+Loaders with workers (training and evaluation) start them with ``data.worker_start`` (``auto``: forkserver in a
+process that runs other threads or a process group, so no worker inherits a lock held by another thread) and bound
+every wait for a batch by ``data.loader_start_timeout_s`` (the first) and ``data.loader_timeout_s`` (later ones); a
+stuck loader raises ``vlp.utils.stalls.StallError`` naming the rank. Workers are not persistent: the stream is
+positioned anew at each iteration.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -38,6 +45,7 @@ from vlp.data.stream import ShardEvalStream, ShardStream, Source
 from vlp.data.text import TextTokenizer
 from vlp.data.tokenizer import load_tokenizer
 from vlp.data.transforms import build_transform
+from vlp.utils.stalls import WorkerInit, loader_stall, stall_requested, worker_context
 
 RETRIEVAL_TENSOR_BUDGET = 2 << 30  # bytes: above this, retrieval batches are re-read lazily instead of kept
 
@@ -125,11 +133,86 @@ class StreamPosition:
         self.fingerprint, self.batches_per_rank = state.get("fingerprint"), state.get("batches_per_rank")
 
 
-class _StreamLoader(DataLoader):
+class _TimedIterator:
+    """A DataLoader iterator whose wait for a batch is bounded: ``start_timeout`` for the first batch,
+    ``batch_timeout`` for each later one (0: no bound); a timeout becomes a :class:`~vlp.utils.stalls.StallError`.
+
+    torch waits in slices of the loader's ``timeout`` (``_TimedLoader.POLL_S``) and, between them, checks that its
+    workers are alive (a dead worker is reported at once, as without a timeout); a slice that ends without a batch
+    raises before the iterator's state changes, so the wait simply continues until the bound."""
+
+    def __init__(self, it, loader: "_TimedLoader"):
+        self._it, self._loader, self._first = it, loader, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ld = self._loader
+        limit = ld.start_timeout if self._first else ld.batch_timeout
+        t0 = time.monotonic()
+        while True:
+            try:
+                batch = next(self._it)
+                break
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+                if limit and time.monotonic() - t0 >= limit:  # (at most one slice late)
+                    self._stop_workers()
+                    raise loader_stall(ld.what, limit, self._first, ld.worker_start, ld.num_workers) from None
+        self._first = False
+        return batch
+
+    def _stop_workers(self) -> None:
+        """Kill the stuck workers now (torch's shutdown would first join each for seconds), after taking them off
+        torch's SIGCHLD check, which would otherwise report their deaths later as a worker failure."""
+        from torch.utils.data._utils import signal_handling
+
+        it = self._it
+        if getattr(it, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()
+
+
+class _TimedLoader(DataLoader):
+    """A DataLoader whose workers start with ``data.worker_start`` and whose waits are bounded by
+    ``data.loader_start_timeout_s`` (first batch) and ``data.loader_timeout_s`` (each later one); ``what`` names it
+    in the error."""
+
+    POLL_S = 5.0  # torch's own interval for checking the workers when it waits without a timeout
+
+    def __init__(self, dataset, cfg: ShardsDataConfig, what: str, rank: int = 0, **kwargs):
+        k = cfg.num_workers
+        ctx = worker_context(cfg.worker_start, k)
+        self.what, self.worker_start = what, ctx.get_start_method() if ctx is not None else None
+        self.start_timeout, self.batch_timeout = (cfg.loader_start_timeout_s, cfg.loader_timeout_s) if k else (0, 0)
+        bounds = [t for t in (self.start_timeout, self.batch_timeout) if t > 0]
+        self._stall = k > 0 and stall_requested("loader", rank)
+        super().__init__(dataset, batch_size=None, num_workers=k, multiprocessing_context=ctx,
+                         timeout=min([self.POLL_S, *bounds]) if bounds else 0, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers > 0:  # the workers get vlp's WorkerInit around the loader's own worker_init_fn
+            inner = self.worker_init_fn  # (Lightning sets its seeding function here before iterating)
+            self.worker_init_fn = WorkerInit(inner, stall=self._stall)
+            try:
+                it = super().__iter__()
+            finally:
+                self.worker_init_fn = inner
+        else:
+            it = super().__iter__()
+        return _TimedIterator(it, self) if self.timeout > 0 else it
+
+
+class _StreamLoader(_TimedLoader):
     """A DataLoader over a ShardStream that positions the stream (epoch, start batch) each time it is iterated."""
 
-    def __init__(self, stream: ShardStream, planner, **kwargs):
-        super().__init__(stream, batch_size=None, **kwargs)
+    def __init__(self, stream: ShardStream, planner, cfg: ShardsDataConfig, **kwargs):
+        super().__init__(stream, cfg, "the training loader", rank=stream.rank, **kwargs)
         self._planner = planner
 
     def __iter__(self):
@@ -327,9 +410,8 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_stream is None:
             self.train_stream = self.build_train_stream()
         k = self.cfg.num_workers
-        return _StreamLoader(self.train_stream, self._position_stream, num_workers=k,
-                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                             prefetch_factor=2 if k > 0 else None)
+        return _StreamLoader(self.train_stream, self._position_stream, self.cfg, pin_memory=torch.cuda.is_available(),
+                             persistent_workers=False, prefetch_factor=2 if k > 0 else None)
 
     def _eval_loader(self, shard_dir: str, collate: Optional[Collator] = None, pin_memory: Optional[bool] = None,
                      source: Optional[Source] = None) -> DataLoader:
@@ -339,7 +421,8 @@ class ShardDataModule(L.LightningDataModule):
                                  num_workers=c.num_workers, max_corrupt_ratio=c.max_corrupt_ratio,
                                  corrupt_min_samples=c.corrupt_min_samples)
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        return DataLoader(stream, batch_size=None, num_workers=c.num_workers, pin_memory=pin)
+        return _TimedLoader(stream, c, f"the evaluation loader of {shard_dir}", rank=self.topology()[0],
+                            pin_memory=pin)
 
     def val_dataloader(self):
         return self._eval_loader(self.cfg.val) if self.cfg.val else []

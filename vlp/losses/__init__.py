@@ -7,6 +7,8 @@ Plain functions on tensors, plus :class:`Temperature` (the one piece of state: a
 * :mod:`.matching` — ITM negative sampling (random / local-hard / global-hard), pair layouts, loss.
 * :mod:`.mlm` — the MLM loss with momentum distillation (the masker is ``vlp.data.masking.Masker``).
 * :mod:`.mutual_info` — TCL's global-to-local mutual-information loss (LMI) and patch pooling.
+* :mod:`.regions` — masked region modelling (UNITER's MRFR, MRC, MRC-kl) and the region mask.
+* :mod:`.optimal_transport` — word-region alignment by optimal transport (UNITER's WRA: IPOT, distance, loss).
 """
 
 from vlp.losses.contrastive import (
@@ -19,6 +21,8 @@ from vlp.losses.contrastive import (
 from vlp.losses.matching import itm_loss, itm_triplets, sample_negatives, swap_images_for_itm, valid_negative_mask
 from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
+from vlp.losses.optimal_transport import cosine_cost, ipot_plan, ot_distance, wra_loss
+from vlp.losses.regions import mrc_kl_loss, mrc_loss, mrfr_loss, region_mask
 
 __all__ = [
     "Temperature",
@@ -35,4 +39,12 @@ __all__ = [
     "mlm_loss",
     "in_batch_g2l_loss",
     "patch_pooling",
+    "cosine_cost",
+    "ipot_plan",
+    "ot_distance",
+    "wra_loss",
+    "mrfr_loss",
+    "mrc_loss",
+    "mrc_kl_loss",
+    "region_mask",
 ]

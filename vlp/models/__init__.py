@@ -14,6 +14,7 @@ from vlp.config import register
 MODELS = {
     "tcl": ("vlp.models.tcl", "TCLConfig", "TCL"),
     "bridgetower": ("vlp.models.bridgetower", "BridgeTowerConfig", "BridgeTower"),
+    "uniter": ("vlp.models.uniter", "UNITERConfig", "UNITER"),
 }
 
 

@@ -17,6 +17,14 @@ the contract tests) only through this interface::
 ``encode_image``/``encode_text`` are what retrieval caches once per image and text; ``fuse`` is what it runs per
 candidate pair. A single-stream model (UNITER) returns embedded, not yet encoded, tokens from the ``encode_*`` methods
 and does all its work in ``fuse``; a two-stream model returns its uni-modal encoders' states.
+
+Random draws (DESIGN §7). A model draws from torch's (or numpy's, Python's) global generators -- dropout, ITM
+negatives (``sample_negatives``), BridgeTower's image swap (``swap_images_for_itm``), in-model masking -- or from a
+``torch.Generator`` it is handed, and keeps no generator of its own. ``vlp.train`` re-seeds the global generators
+before every training micro-batch from (seed, global step, rank, micro-batch index in the accumulation window)
+(``vlp.utils.rng.StepSeeding``), so every draw of a step is a pure function of those and a resumed run is bitwise
+equal to an uninterrupted one; no model does anything for it. Data-side randomness (augmentation, caption choice,
+collator masking) is seeded per sample in ``vlp.data.collate``.
 """
 
 from __future__ import annotations

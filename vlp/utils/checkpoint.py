@@ -101,6 +101,7 @@ def load_file(path: str | Path, *, what: str = "a checkpoint") -> Any:
     any code from it. ``what`` describes the expected content for the error message, e.g. ``"an official TCL
     checkpoint ({'model': state_dict})"``. Raises :class:`CheckpointError`."""
     import pickle
+    import struct
 
     import torch
 
@@ -117,7 +118,8 @@ def load_file(path: str | Path, *, what: str = "a checkpoint") -> Any:
         raise _damaged(path, e, what) from e
     except PermissionError as e:
         raise CheckpointError(path, "not readable (permission denied)", what) from e
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError, AttributeError, TypeError, IndexError) as e:
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, AttributeError, TypeError, IndexError,
+            struct.error) as e:
         # What torch raises on bytes that are not (or no longer) one of its files: a zip without its central
         # directory (or an OSError from its reader), an empty file, a legacy stream cut short, another format.
         raise _damaged(path, e, what) from e
