@@ -9,6 +9,7 @@ Plain functions on tensors, plus :class:`Temperature` (the one piece of state: a
 * :mod:`.mutual_info` — TCL's global-to-local mutual-information loss (LMI) and patch pooling.
 * :mod:`.regions` — masked region modelling (UNITER's MRFR, MRC, MRC-kl) and the region mask.
 * :mod:`.optimal_transport` — word-region alignment by optimal transport (UNITER's WRA: IPOT, distance, loss).
+* :mod:`.vqa` — the VQA loss (BCE over soft answer scores x number of answers).
 """
 
 from vlp.losses.contrastive import (
@@ -23,6 +24,7 @@ from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
 from vlp.losses.optimal_transport import cosine_cost, ipot_plan, ot_distance, wra_loss
 from vlp.losses.regions import mrc_kl_loss, mrc_loss, mrfr_loss, region_mask
+from vlp.losses.vqa import vqa_bce_loss
 
 __all__ = [
     "Temperature",
@@ -37,6 +39,7 @@ __all__ = [
     "itm_loss",
     "IGNORE_INDEX",
     "mlm_loss",
+    "vqa_bce_loss",
     "in_batch_g2l_loss",
     "patch_pooling",
     "cosine_cost",

@@ -38,6 +38,7 @@ from torch import nn
 
 from vlp.config import OptimConfig
 from vlp.data.visual import Visual
+from vlp.losses.vqa import vqa_bce_loss
 
 
 def param_groups(module: nn.Module, optim: OptimConfig) -> list[dict]:
@@ -207,13 +208,6 @@ class RetrievalProtocol(NamedTuple):
 
     first_stage: str = "contrastive"
     combine: str = "itm"
-
-
-def vqa_bce_loss(logits: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
-    """The VQA loss of UNITER, ViLT, METER and BridgeTower: BCE-with-logits against the soft scores, averaged over
-    every element and multiplied by the number of answers (= summed over answers, averaged over questions)."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        logits.float(), target_scores.float()) * target_scores.shape[1]
 
 
 class PretrainModule(L.LightningModule):
