@@ -85,6 +85,15 @@ $(BT_TINY_CKPT):
 finetune-vqa-bridgetower: setup $(if $(DATA),,$(SHAPES_SHARDS)/.done) $(if $(CONFIG),,$(BT_TINY_CKPT))  ## Fine-tune BridgeTower on VQA (default: tiny, shapes world, from make pretrain-bridgetower) and print the VQA score
 	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_bridgetower_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.val=$(DATA)/val data.test=$(DATA)/test) $(ARGS)
 
+UNITER_TINY_CKPT := runs/uniter-tiny/checkpoints/last.ckpt
+$(UNITER_TINY_CKPT):
+	@echo "$(UNITER_TINY_CKPT) not found: pre-training UNITER-tiny first (make pretrain-uniter)"
+	$(MAKE) pretrain-uniter CONFIG= DATA= ARGS=
+
+.PHONY: finetune-vqa-uniter
+finetune-vqa-uniter: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done) $(if $(CONFIG),,$(UNITER_TINY_CKPT))  ## Fine-tune UNITER on VQA (default: tiny, shapes world's regions, from make pretrain-uniter) and print the VQA score
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_uniter_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
 ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, no LMI) on the same budget
 	$(BIN)/vlp pretrain experiments/tcl/ablations/albef.yaml $(ARGS)
 
