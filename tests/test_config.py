@@ -123,3 +123,19 @@ def test_defaults_without_model_section(tmp_path):
     cfg = config.load(write(tmp_path / "e.yaml", "name: x\n"))
     assert isinstance(cfg, ExperimentConfig) and cfg.model is None
     assert cfg.data.name == "shards" and cfg.data.batch_size == 32
+
+
+def test_every_experiment_file_validates():
+    """Every shipped experiment (paper, tiny, ablation, fine-tuning) loads against the schema: a renamed or removed
+    field breaks this test, not a user's run."""
+    from pathlib import Path
+
+    from vlp import config
+    from vlp.models import MODELS
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        cfg = config.load(path)
+        assert cfg.model is not None and cfg.model.name in MODELS, path
