@@ -73,6 +73,18 @@ pretrain-bridgetower:  ## Pre-train BridgeTower (default: tiny on the shapes wor
 pretrain-uniter: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done)  ## Pre-train UNITER (default: UNITER-tiny on the shapes world's regions, then retrieval by ITM over all pairs)
 	$(BIN)/vlp pretrain $(or $(CONFIG),experiments/uniter/tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)}]') $(ARGS)
 
+# MVPTR reads regions, their object names as tags, and the captions' concept tuples as phrase tokens: the phrase
+# vocabulary (tuples seen in >= 50 training sentences) is written beside the world's tokenizer.
+.PHONY: shapes-phrases pretrain-mvptr
+shapes-phrases: $(SHAPES_SHARDS)/.phrases-done  ## Build MVPTR's phrase vocabulary from the shapes captions (phrase_vocab.json beside the tokenizer)
+
+$(SHAPES_SHARDS)/.phrases-done: $(SHAPES_SHARDS)/.done | setup
+	$(BIN)/python -m data_recipes.phrase_vocab --shards $(SHAPES_SHARDS)/coco/train --min-count 50
+	@touch $@
+
+pretrain-mvptr: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done $(SHAPES_SHARDS)/.phrases-done)  ## Pre-train MVPTR (default: MVPTR-tiny on the shapes world's regions, tags and phrases, then retrieval)
+	$(BIN)/vlp pretrain $(or $(CONFIG),experiments/mvptr/tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)}]') $(ARGS)
+
 # VQA fine-tuning. Default: BridgeTower-tiny from runs/bridgetower-tiny on the shapes world's VQA shards; when that
 # checkpoint is missing, `make pretrain-bridgetower` runs first (a finished or interrupted pre-training is reused as it
 # is: run `make pretrain-bridgetower` yourself to complete an interrupted one). CONFIG= a fine-tuning config (its ckpt
@@ -94,6 +106,15 @@ $(UNITER_TINY_CKPT):
 finetune-vqa-uniter: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done) $(if $(CONFIG),,$(UNITER_TINY_CKPT))  ## Fine-tune UNITER on VQA (default: tiny, shapes world's regions, from make pretrain-uniter) and print the VQA score
 	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_uniter_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
 
+MVPTR_TINY_CKPT := runs/mvptr-tiny/checkpoints/last.ckpt
+$(MVPTR_TINY_CKPT):
+	@echo "$(MVPTR_TINY_CKPT) not found: pre-training MVPTR-tiny first (make pretrain-mvptr)"
+	$(MAKE) pretrain-mvptr CONFIG= DATA= ARGS=
+
+.PHONY: finetune-vqa-mvptr
+finetune-vqa-mvptr: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done) $(if $(CONFIG),,$(MVPTR_TINY_CKPT))  ## Fine-tune MVPTR on VQA (default: tiny, shapes world's regions and tags, from make pretrain-mvptr) and print the VQA score
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_mvptr_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
 ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, no LMI) on the same budget
 	$(BIN)/vlp pretrain experiments/tcl/ablations/albef.yaml $(ARGS)
 
@@ -106,6 +127,14 @@ bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; 
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/bridgetower_vs_transformers.py
 	$(BIN)/python benchmarks/worker_start.py
+
+# `make compare RUNS="runs/tcl-tiny runs/albef-tiny" NAME=tcl-vs-albef` -> reports/tcl-vs-albef/compare.md + plots
+RUNS ?=
+NAME ?=
+.PHONY: compare
+compare: setup  ## Compare runs: table + loss / R@1 plots in reports/NAME (make compare RUNS="runs/a runs/b" NAME=...)
+	@test -n "$(RUNS)" || { echo 'usage: make compare RUNS="runs/a runs/b" [NAME=report-name]'; exit 2; }
+	$(BIN)/vlp compare $(RUNS) --out reports/$(or $(NAME),compare)
 
 clean-runs:  ## Remove runs/ (checkpoints, metrics)
 	rm -rf runs

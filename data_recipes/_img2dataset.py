@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from data_recipes import _common as C
+from data_recipes import _phrases as P
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -95,8 +96,10 @@ def _from_files(folders: list[Path], source: str, split: str, plan: C.Plan) -> N
             _record(source, split, key, groups[key], plan)
 
 
-def build_img2dataset(source: str, root, out, split=None, shard_size=1000, workers=1, progress=True):
+def build_img2dataset(source: str, root, out, split=None, shard_size=1000, workers=1, progress=True, phrases=None):
+    """``phrases``: an extractor spec (``_phrases.py``); each caption's concept tuples go into the json."""
     root = Path(root)
+    extractor = P.extractor_for(phrases, source)
     C.require(root, f"the img2dataset output folder of {source}")
     split = split or "train"
     if "," in split:
@@ -116,6 +119,10 @@ def build_img2dataset(source: str, root, out, split=None, shard_size=1000, worke
     stats = _download_stats(root)
     if stats:
         plan.meta["img2dataset_stats"] = stats
+    if extractor is not None:
+        plan.meta.update(P.phrase_meta(extractor))
+        for rec in plan.records:
+            P.attach_phrases(rec["json"], extractor)
     return C.write_splits(out, source, {split: plan}, shard_size=shard_size, workers=workers, progress=progress,
                           raw=root)
 
@@ -145,4 +152,5 @@ def _download_stats(root: Path) -> dict[str, int]:
 def main_for(source: str, doc: str, build, argv: list[str] | None) -> int:
     p = C.parser(source, doc, f"img2dataset output folder of {source} (00000.tar, ... or 00000/, ...)",
                  "the output split name (default train)")
+    P.add_phrase_args(p)
     return C.run_main(build, p, argv)

@@ -8,11 +8,14 @@ Raw layout (as distributed by cocodataset.org)::
 
 With ``--karpathy RAW/dataset_coco.json`` the Karpathy split (train/restval/val/test; restval is merged into train
 unless ``--keep-restval``) decides the split and gives the captions; images are found by ``filepath``/``filename``,
-falling back to the 2017 file of the same ``cocoid`` (2014 split file, 2017 images). ``--phrases PATTERN`` attaches
-per-caption phrases from side files ``{image_id: [[concept tuple, ...] per caption]}``; ``{split}`` in the pattern is a
-wildcard, all matching files are merged.
+falling back to the 2017 file of the same ``cocoid`` (2014 split file, 2017 images).
+
+Concept phrases (MVPTR) per caption, aligned with ``captions``: ``--phrases rules|spacy|spacy:NAME_OR_PATH|auto``
+extracts them from each kept caption (``data_recipes/_phrases.py``); any other ``--phrases PATTERN`` reads side files
+``{image_id: [[concept tuple, ...] per caption]}``, ``{split}`` in the pattern a wildcard, all matching files merged.
 
     python -m data_recipes.coco --root RAW --out OUT [--karpathy RAW/dataset_coco.json] [--split train]
+                                [--phrases rules]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from data_recipes import _common as C
+from data_recipes import _phrases as P
 
 SOURCE = "coco"
 YEARS = ("2017", "2014")
@@ -78,10 +82,11 @@ def _concept(p) -> str | list[str]:
 
 
 class _Attach:
-    """Adds captions (dropping empties, keeping phrases aligned), objects and phrases to one image's json."""
+    """Adds captions (dropping empties, keeping side-file phrases aligned), objects and phrases (from side files, or
+    extracted from the kept captions) to one image's json."""
 
-    def __init__(self, objects: dict | None, phrases: dict | None):
-        self.objects, self.phrases = objects, phrases
+    def __init__(self, objects: dict | None, phrases: dict | None, extractor: P.PhraseExtractor | None = None):
+        self.objects, self.phrases, self.extractor = objects, phrases, extractor
         self.stats: dict[str, Counter] = defaultdict(Counter)  # split -> phrases_missing / phrases_mismatch
 
     def json(self, image_id: int, split: str, captions: list, skipped: Counter) -> dict | None:
@@ -104,6 +109,8 @@ class _Attach:
         js = {"image_id": image_id, "source": SOURCE, "split": split, "captions": keep_caps}
         if phr is not None:
             js["phrases"] = keep_phr
+        elif self.extractor is not None:
+            P.attach_phrases(js, self.extractor)
         if self.objects is not None:
             js["objects"] = self.objects.get(image_id, {"boxes": [], "labels": []})
         return js
@@ -211,8 +218,9 @@ def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, k
             else:
                 files = [p for _, p in inst.values()]
             objects_map = _load_objects(files)
-    phrase_map = load_phrases(phrases) if phrases else None
-    attach = _Attach(objects_map, phrase_map)
+    extractor = P.extractor_for(phrases, SOURCE, side_files=True)
+    phrase_map = load_phrases(phrases) if phrases and extractor is None else None
+    attach = _Attach(objects_map, phrase_map, extractor)
     if karpathy is not None:
         plans = _plan_karpathy(root, Path(karpathy), split, keep_restval, attach)
     else:
@@ -221,6 +229,8 @@ def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, k
         plan.meta.update(objects=objects_map is not None, phrases=phrase_map is not None)
         if phrase_map is not None:
             plan.meta["phrase_stats"] = dict(attach.stats[s])
+        if extractor is not None:
+            plan.meta.update(P.phrase_meta(extractor))
     return C.write_splits(out, SOURCE, plans, shard_size=shard_size, workers=workers, progress=progress, raw=root)
 
 
@@ -230,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--karpathy", type=Path, default=None, metavar="JSON",
                    help="Karpathy split file (dataset_coco.json): its splits decide where each image goes")
     p.add_argument("--keep-restval", action="store_true", help="with --karpathy: keep restval as its own split")
-    p.add_argument("--phrases", default=None, metavar="PATTERN",
-                   help="phrase side files, e.g. 'RAW/phrases_{split}.json'")
+    P.add_phrase_args(p, side_files=True)
     p.add_argument("--no-objects", dest="objects", action="store_false",
                    help="do not attach objects from instances_*.json")
     return C.run_main(build, p, argv)

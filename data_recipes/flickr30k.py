@@ -6,9 +6,11 @@ Raw layout (the Karpathy split file and the images as distributed)::
                                                       "sentences": [{"raw": ...}, ...]}, ...]}
     RAW/flickr30k-images/1000092795.jpg
 
-``image_id`` is the file name without its extension (``flickr30k-1000092795``).
+``image_id`` is the file name without its extension (``flickr30k-1000092795``). ``--phrases rules|spacy|
+spacy:NAME_OR_PATH|auto`` adds MVPTR's concept phrases per caption, aligned with ``captions``
+(``data_recipes/_phrases.py``).
 
-    python -m data_recipes.flickr30k --root RAW --out OUT [--split train,val,test]
+    python -m data_recipes.flickr30k --root RAW --out OUT [--split train,val,test] [--phrases rules]
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from data_recipes import _common as C
+from data_recipes import _phrases as P
 
 SOURCE = "flickr30k"
 SPLITS = ("train", "val", "test")
 
 
-def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, karpathy=None) -> dict[str, dict]:
-    """Build Flickr30k shards; returns ``{split: index}``."""
+def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, karpathy=None,
+          phrases=None) -> dict[str, dict]:
+    """Build Flickr30k shards; returns ``{split: index}``. ``phrases``: an extractor spec (see ``_phrases.py``)."""
     root = Path(root)
+    extractor = P.extractor_for(phrases, SOURCE)
     kfile = Path(karpathy) if karpathy else root / "dataset_flickr30k.json"
     entries = C.load_karpathy(kfile)
     img_dir = C.require(root / "flickr30k-images", "the Flickr30k images folder")
@@ -39,6 +44,8 @@ def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, k
     plans = {}
     for s in wanted:
         plan = C.Plan(meta={"karpathy": kfile.name})
+        if extractor is not None:
+            plan.meta.update(P.phrase_meta(extractor))
         if bad[s]:
             plan.skipped["malformed_record"] += bad[s]
         for e in grouped[s]:
@@ -51,8 +58,10 @@ def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, k
                 plan.skipped["no_caption"] += 1
                 continue
             image_id = Path(e["filename"]).stem
-            plan.add({"key": f"{SOURCE}-{C.key_safe(image_id)}", "image": str(img_dir / e["filename"]),
-                      "json": {"image_id": image_id, "source": SOURCE, "split": s, "captions": caps}})
+            js = {"image_id": image_id, "source": SOURCE, "split": s, "captions": caps}
+            if extractor is not None:
+                P.attach_phrases(js, extractor)
+            plan.add({"key": f"{SOURCE}-{C.key_safe(image_id)}", "image": str(img_dir / e["filename"]), "json": js})
         plans[s] = plan
     return C.write_splits(out, SOURCE, plans, shard_size=shard_size, workers=workers, progress=progress, raw=root)
 
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                  "split(s) to build, comma-separated: train,val,test; default all")
     p.add_argument("--karpathy", type=Path, default=None, metavar="JSON",
                    help="Karpathy split file (default RAW/dataset_flickr30k.json)")
+    P.add_phrase_args(p)
     return C.run_main(build, p, argv)
 
 

@@ -10,9 +10,10 @@ Raw layout (visualgenome.org, v1.2/v1.4)::
 json: ``captions`` (one per region), ``region_boxes`` (xyxy pixels, aligned with captions), ``objects``. Boxes are
 given in ``image_data.json``'s size; if an image file has another size they are rescaled to it. Everything goes to
 one split (``train``). ``--exclude-coco dataset_coco.json`` drops VG images whose ``coco_id`` is in the Karpathy
-val/test splits (as ALBEF does), counted as ``coco_eval_overlap``.
+val/test splits (as ALBEF does), counted as ``coco_eval_overlap``. ``--phrases rules|spacy|spacy:NAME_OR_PATH|auto``
+adds MVPTR's concept phrases per region description, aligned with ``captions`` (``data_recipes/_phrases.py``).
 
-    python -m data_recipes.vg --root RAW --out OUT [--exclude-coco RAW_COCO/dataset_coco.json]
+    python -m data_recipes.vg --root RAW --out OUT [--exclude-coco RAW_COCO/dataset_coco.json] [--phrases rules]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_recipes import _common as C
+from data_recipes import _phrases as P
 
 SOURCE = "vg"
 FOLDERS = ("VG_100K", "VG_100K_2")
@@ -57,9 +59,11 @@ def _eval_coco_ids(path: Path) -> set[int]:
 
 
 def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, exclude_coco=None,
-          objects=True) -> dict[str, dict]:
-    """Build Visual Genome shards into ``out/<split>`` (default ``train``); returns ``{split: index}``."""
+          objects=True, phrases=None) -> dict[str, dict]:
+    """Build Visual Genome shards into ``out/<split>`` (default ``train``); returns ``{split: index}``.
+    ``phrases``: an extractor spec (see ``_phrases.py``)."""
     root = Path(root)
+    extractor = P.extractor_for(phrases, SOURCE)
     split = split or "train"
     if "," in split:
         raise C.RecipeError(f"vg: one split only (all images go to it), got {split!r}")
@@ -75,6 +79,8 @@ def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, e
     excluded = _eval_coco_ids(Path(exclude_coco)) if exclude_coco else set()
 
     plan = C.Plan(meta={"objects": obj is not None, "exclude_coco": Path(exclude_coco).name if exclude_coco else None})
+    if extractor is not None:
+        plan.meta.update(P.phrase_meta(extractor))
     by_id = {}
     for r in regions:
         if isinstance(r, dict) and isinstance(r.get("regions"), list):
@@ -116,6 +122,8 @@ def build(root, out, split=None, shard_size=1000, workers=1, progress=True, *, e
             js["coco_id"] = img["coco_id"]
         if obj is not None:
             js["objects"] = obj.get(image_id, {"boxes": [], "labels": []})
+        if extractor is not None:
+            P.attach_phrases(js, extractor)
         rec = {"key": f"{SOURCE}-{C.key_safe(image_id)}", "image": list(dict.fromkeys(cands)), "json": js}
         if img.get("width") and img.get("height"):
             rec["ann_size"] = [int(img["width"]), int(img["height"])]
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude-coco", type=Path, default=None, metavar="KARPATHY_JSON",
                    help="drop images whose coco_id is in this Karpathy file's val/test splits")
     p.add_argument("--no-objects", dest="objects", action="store_false", help="do not attach objects.json")
+    P.add_phrase_args(p)
     return C.run_main(build, p, argv)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from vlp.utils.throughput import THROUGHPUT_KEYS  # wall-clock rates: the only columns two equal runs may differ in
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,11 @@ def tiny_experiment(name: str, out_dir: Path, shards: Path, task: str = "pretrai
         model["text"].update(vocab_size=None, pad_token_id=None)
     if "regions" in cls.READS:  # the feature width and detector classes of the world's regions.npz
         spec = json.loads((shards / "coco/train/index.json").read_text())["regions"]
-        model.update(region_dim=spec["dim"], region_classes=spec["num_classes"])
+        model["region_dim"] = spec["dim"]
+        if "region_classes" in model:
+            model["region_classes"] = spec["num_classes"]
+    if "phrase_vocab_size" in model:  # from the world's phrase vocabulary
+        model["phrase_vocab_size"] = None
     if "queue_size" in model and queue_size is not None:
         model["queue_size"] = queue_size
     size = model["vision"]["img_size"] if isinstance(model.get("vision"), dict) else 32
@@ -130,5 +136,5 @@ def compare_runs(a: Path, b: Path) -> dict:
     out["metrics_steps"] = (sorted(ra), sorted(rb))
     out["metrics_differ"] = [(s, k) for s in sorted(set(ra) | set(rb))
                              for k in sorted(set(ra.get(s, {})) | set(rb.get(s, {})))
-                             if ra.get(s, {}).get(k) != rb.get(s, {}).get(k)]
+                             if k not in THROUGHPUT_KEYS and ra.get(s, {}).get(k) != rb.get(s, {}).get(k)]
     return out

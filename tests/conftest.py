@@ -42,7 +42,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory):
     """A small shapes world (96/16/24 images at 32 px) through the real recipes: coco, vg, vqa shards + tokenizer,
-    with simulated-detector regions.npz in every shard (as `make shapes-regions`)."""
+    with simulated-detector regions.npz in every shard (as `make shapes-regions`) and MVPTR's phrase vocabulary."""
     from data_recipes.shapes import generate
     from data_recipes.shapes_shards import build_shapes
 
@@ -57,4 +57,9 @@ def shapes_shards(tmp_path_factory):
                                                "vqa/test", "vg/train")],
                mode="simulate", in_place=True, progress=False,
                objects=[ann / "instances_train2017.json", ann / "instances_val2017.json"])
+    # MVPTR's phrase vocabulary beside the tokenizer (make shapes-phrases), from the training captions
+    from data_recipes.phrase_vocab import main as phrase_vocab
+
+    assert phrase_vocab(["--shards", str(root / "shards" / "coco" / "train"), "--min-count", "3",
+                         "--no-progress"]) == 0
     return root / "shards"

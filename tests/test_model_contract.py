@@ -46,6 +46,12 @@ def training_batch(model, b=4, seed=0) -> dict:
             labels[i, t], mlm_ids[i, t] = ids[i, t], MASK_ID
     batch.update(input_ids=ids, attention_mask=mask, mlm_input_ids=mlm_ids, mlm_labels=labels,
                  image_ids=torch.arange(b) + 100)
+    if visual.tag_ids is not None:  # concept tags: the first tag masked (MVPTR's MCR)
+        tag_ids, tag_labels = visual.tag_ids.clone(), torch.full_like(visual.tag_ids, -100)
+        tag_labels[:, 1], tag_ids[:, 1] = visual.tag_ids[:, 1], MASK_ID
+        batch.update(tag_mlm_ids=tag_ids, tag_mlm_labels=tag_labels)
+    if getattr(model, "phrase_rows", 0):  # phrase tokens follow the words (MVPTR)
+        batch["phrase_mask"] = ids >= model.word_vocab_size
     return batch
 
 

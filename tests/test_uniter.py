@@ -306,3 +306,19 @@ def test_bert_initialisation_loads_embeddings_layers_mlm_head_and_pooler(tmp_pat
     torch.testing.assert_close(m.pooler.dense.weight, sd["bert.pooler.dense.weight"])
     assert m.mlm_head.decoder.weight is m.embeddings.word_embeddings.weight
     assert m.resolved_config().text.name is None and m.resolved_config().text.vocab_size == 60
+
+
+def test_grad_reduction_sum_scales_the_backward_loss_by_the_world_size():
+    """optim.grad_reduction: sum -> the loss DDP averages is x world size (the official summed all-reduce); mean -> 1."""
+    from types import SimpleNamespace
+
+    from vlp.config import OptimConfig
+    from vlp.models.uniter import UNITER, UNITERConfig
+
+    for reduction, world, expect in (("mean", 4, 1.0), ("sum", 4, 4.0), ("sum", 1, 1.0)):
+        m = UNITER(UNITERConfig.tiny(), OptimConfig(grad_reduction=reduction))
+        assert m.grad_scale() == 1.0  # outside a Trainer
+        m._trainer = SimpleNamespace(world_size=world)
+        assert m.grad_scale() == expect
+    with pytest.raises(ValueError, match="grad_reduction"):
+        OptimConfig(grad_reduction="max")

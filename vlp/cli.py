@@ -134,6 +134,33 @@ COMMANDS = {
 }
 
 
+# -- vlp compare (vlp/compare.py) -------------------------------------------------------------------------------------
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of vlp pretrain / vlp finetune")
+    p.add_argument("--out", default="reports/compare", help="report directory (default: reports/compare)")
+
+
+def _run_compare(args) -> int:
+    from vlp.compare import CompareError, compare
+
+    try:
+        report = compare(args.runs, out=args.out)
+    except CompareError as e:  # one line naming the run directory's missing or invalid file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.table, end="")
+    print(f"wrote {', '.join(str(p) for p in report.paths)}")
+    return 0
+
+
+COMMANDS["compare"] = (
+    "compare runs: a Markdown table (R@K or VQA score, steps, wall time, parameters, samples/s) and loss / R@1 plots "
+    "in --out (compare.md, losses.png, r_at_1.png)",
+    _add_compare_args,
+    _run_compare,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="Vision-language pre-training experiments.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -81,6 +81,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     checkpoint_every_n_steps: int = 200
+    throughput: bool = True  # log samples/s, tokens/s, TFLOP/s, MFU, peak memory (vlp.utils.throughput)
     # A NaN/inf loss or gradient: "stop" (one error naming the step and the loss terms, exit 1, no checkpoint of the
     # bad state) or "skip" (drop that update, count it as train/skipped_nonfinite); see vlp.utils.nonfinite.
     nonfinite: str = "stop"
@@ -90,6 +91,7 @@ class TrainerConfig:
     collective_timeout_s: float = 1800.0
     # Seconds for all ranks to start and join the process group (its rendezvous); null: collective_timeout_s.
     rendezvous_timeout_s: Optional[float] = None
+    slurm_requeue: bool = True  # in a SLURM batch job, on SIGUSR1: save the step, requeue, exit (slurm/README.md)
 
     def __post_init__(self):
         for name in ("collective_timeout_s", "rendezvous_timeout_s"):
@@ -125,6 +127,14 @@ class OptimConfig:
     lr_mult: dict[str, float] = field(default_factory=dict)
     # Parameter-name substrings excluded from weight decay (besides 1-d parameters and biases when enabled).
     no_decay_1d: bool = True
+    # How the ranks' gradients combine: "mean" (DDP's average: the gradient of the global-batch mean loss) or "sum"
+    # (the loss is scaled by the world size, so DDP's average becomes the sum of the ranks' gradients, as UNITER's
+    # official horovod all-reduce; it matters for gradient clipping and for SGD-like optimizers, hardly for Adam).
+    grad_reduction: str = "mean"
+
+    def __post_init__(self):
+        if self.grad_reduction not in ("mean", "sum"):
+            raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {self.grad_reduction!r}")
 
 
 @dataclass

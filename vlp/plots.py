@@ -23,7 +23,7 @@ def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """One panel per training loss (``train/*`` except lr), smoothed with a running mean."""
+    """One panel per training loss (``train/*`` except lr and the throughput rates), smoothed with a running mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,10 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "") -
 
     if not Path(metrics_csv).exists():
         return None
-    series = {k: v for k, v in read_metrics(metrics_csv).items() if k.startswith("train/") and k != "train/lr"}
+    from vlp.utils.throughput import THROUGHPUT_KEYS
+
+    series = {k: v for k, v in read_metrics(metrics_csv).items()
+              if k.startswith("train/") and k != "train/lr" and k not in THROUGHPUT_KEYS}
     if not series:
         return None
     names = sorted(series, key=lambda k: (k != "train/loss", k))

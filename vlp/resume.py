@@ -44,11 +44,12 @@ RESUME_SAFE = (
     # where: devices, nodes and strategy (the data stream resumes at the same fraction on another world size, with
     # a warning; bitwise equality with an uninterrupted run holds only on the same world size and worker count)
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.collective_timeout_s",
+    "trainer.rendezvous_timeout_s",
     # numerically neutral execution choices
     "trainer.gradient_checkpointing", "trainer.compile", "trainer.deterministic",
     # what is written and shown, fault policy
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.checkpoint_every_n_steps",
-    "trainer.nonfinite",
+    "trainer.nonfinite", "trainer.slurm_requeue", "trainer.throughput",
     # validation and evaluation
     "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.num_sanity_val_steps", "eval.",
     "data.val", "data.test", "data.eval_batch_size", "data.eval_max_text_len",

@@ -41,7 +41,7 @@ def build_datamodule(cfg: ExperimentConfig):
 
 def data_for_model(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config whose data section decodes what the model reads (DESIGN §5): images only for a model that reads
-    pixels, regions.npz for one that reads regions."""
+    pixels, regions.npz for one that reads regions, concept tags and phrases for one that reads them (MVPTR)."""
     import dataclasses
 
     from vlp.models import model_class
@@ -49,7 +49,9 @@ def data_for_model(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.model is None:
         return cfg
     reads = model_class(cfg.model.name).READS
-    data = dataclasses.replace(cfg.data, images="pixels" in reads, regions=cfg.data.regions or "regions" in reads)
+    data = dataclasses.replace(cfg.data, images="pixels" in reads, regions=cfg.data.regions or "regions" in reads,
+                               tags="tags" in reads,  # phrase_vocab_size 0: the "without phrases" ablation
+                               phrases="phrases" in reads and getattr(cfg.model, "phrase_vocab_size", None) != 0)
     return dataclasses.replace(cfg, data=data)
 
 
@@ -58,12 +60,13 @@ def resolve(cfg: ExperimentConfig):
     ``null`` fields filled (vocabulary size), which is what gets saved as the run's config.yaml."""
     import dataclasses
 
-    from vlp.models import bind_tokenizer
+    from vlp.models import bind_concepts, bind_tokenizer
 
     cfg = data_for_model(cfg)
     dm = build_datamodule(cfg)
     if cfg.model is not None:
-        cfg = dataclasses.replace(cfg, model=bind_tokenizer(cfg.model, dm.tokenizer))
+        model = bind_concepts(bind_tokenizer(cfg.model, dm.tokenizer), dm.phrase_vocab, cfg.ckpt)
+        cfg = dataclasses.replace(cfg, model=model)
     return cfg, dm
 
 
@@ -172,6 +175,7 @@ def _rendezvous_s(t) -> float:
 
 
 def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    from vlp.utils.slurm import cluster_plugins
     from vlp.utils.stalls import prestart_worker_server, trainer_callbacks
 
     t = cfg.trainer
@@ -195,6 +199,7 @@ def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer
         default_root_dir=str(run_dir),
         logger=_csv_logger(run_dir),
         callbacks=[*callbacks, *trainer_callbacks(t.collective_timeout_s)],
+        plugins=cluster_plugins(),  # under SLURM: its environment, requeue by vlp.utils.slurm.SlurmRequeue
     )
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -316,8 +321,16 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
         dirpath=str(cfg.run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1,
     )
-    return [StepSeeding(cfg.seed), FreshStepMetrics(), NonFiniteGuard(cfg.trainer.nonfinite), ckpt,
-            FlushMetricsOnCheckpoint()]
+    callbacks = [StepSeeding(cfg.seed), FreshStepMetrics(), NonFiniteGuard(cfg.trainer.nonfinite), ckpt,
+                 FlushMetricsOnCheckpoint()]
+    from vlp.utils.slurm import requeue_callbacks  # SLURM pre-emption: save the step, requeue, exit
+
+    callbacks += requeue_callbacks(cfg.trainer.slurm_requeue, ckpt)
+    if cfg.trainer.throughput:  # samples/s, tokens/s, MFU, peak memory in metrics.csv (vlp.utils.throughput)
+        from vlp.utils.throughput import ThroughputMonitor
+
+        callbacks.append(ThroughputMonitor())
+    return callbacks
 
 
 def _batches_per_rank(cfg: ExperimentConfig, trainer: L.Trainer, dm) -> int:

@@ -1,4 +1,5 @@
-"""Detector-region embedder (UNITER's ``UniterImageEmbeddings``, official parameter names) and the 7-d box feature.
+"""Detector-region embedders: UNITER's (``UniterImageEmbeddings``, official parameter names, the 7-d box feature) and
+MVPTR's (one Linear over feature || 6 box values, :class:`ConcatRegionEmbedder`).
 
 For region features ``v`` [B, N, D] with boxes and a token-type vector ``e_type`` [H]::
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["location_features", "RegionEmbedder"]
+__all__ = ["location_features", "RegionEmbedder", "ConcatRegionEmbedder"]
 
 
 def location_features(boxes: torch.Tensor) -> torch.Tensor:
@@ -97,3 +98,31 @@ class RegionEmbedder(nn.Module):
         img = self.img_layer_norm(self.img_linear(feats))
         pos = self.pos_layer_norm(self.pos_linear(location.to(feats.dtype)))
         return self.dropout(self.LayerNorm(img + pos + type_embedding))
+
+
+class ConcatRegionEmbedder(nn.Module):
+    """MVPTR's (OSCAR's) region embedding: ``Dropout([LN](W [v || b6] + bias))`` with ``b6 = (x1, y1, x2, y2, w, h)``
+    of the normalised xyxy box (the official 2054-d input = 2048-d feature + these 6 values). No position or token
+    type embedding. Keys ``img_embedding.{weight,bias}`` and ``LayerNorm.*`` (with ``layernorm``: the official
+    ``use_img_layernorm``). ``box_values=False``: the features already carry the 6 values (VinVL TSV features)."""
+
+    def __init__(self, feat_dim: int, hidden: int, box_values: bool = True, layernorm: bool = True,
+                 dropout: float = 0.1, ln_eps: float = 1e-12):
+        super().__init__()
+        self.feat_dim, self.box_values = feat_dim, box_values
+        self.img_embedding = nn.Linear(feat_dim + (6 if box_values else 0), hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=ln_eps) if layernorm else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        if features.shape[-1] != self.feat_dim:
+            raise ValueError(f"region features are {features.shape[-1]}-d, the embedder expects {self.feat_dim} "
+                             "(model.region_dim must match the data's regions.npz)")
+        if self.box_values:
+            if boxes is None or boxes.shape[-1] != 4:
+                raise ValueError("the region embedding appends the 6 box values: pass xyxy boxes [..., 4]")
+            features = torch.cat([features, location_features(boxes.to(features.dtype))[..., :6]], -1)
+        x = self.img_embedding(features)
+        if self.LayerNorm is not None:
+            x = self.LayerNorm(x)
+        return self.dropout(x)

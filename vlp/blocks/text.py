@@ -131,6 +131,18 @@ def build_hf_config(cfg: TextConfig):
     return hf
 
 
+def explicit_text_config(cfg: TextConfig, hf, **changes) -> TextConfig:
+    """``cfg`` with every size taken from the built ``hf`` config and no hub name or weight loading: what a built
+    tower is, so that ``vlp.models.load`` rebuilds it offline from a checkpoint's hyper-parameters alone."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg, name=None, pretrained=False, arch=hf.model_type, vocab_size=hf.vocab_size, hidden=hf.hidden_size,
+        layers=hf.num_hidden_layers, heads=hf.num_attention_heads, intermediate=hf.intermediate_size,
+        max_position=hf.max_position_embeddings, type_vocab_size=hf.type_vocab_size, ln_eps=hf.layer_norm_eps,
+        pad_token_id=hf.pad_token_id, dropout=hf.hidden_dropout_prob, **changes)
+
+
 def _resolve_config(config: TextConfig | None, fields: dict) -> TextConfig:
     cfg = config if config is not None else TextConfig()
     return dataclasses.replace(cfg, **fields) if fields else cfg

@@ -10,6 +10,9 @@ Kinds:
   attention heads are width / 64 unless ``--vision-heads`` / ``--text-heads`` say otherwise;
 * ``uniter``: an official UNITER state dict (``model_step_N.pt``, ``uniter-base.pt``, ``uniter-base-init.pt``; key map
   in ``vlp.convert.uniter``); sizes from the shapes, attention heads width / 64 unless ``--text-heads``;
+* ``mvptr``: an official MVPTR ``BiBertImgForPreTraining`` state dict (key map in ``vlp.convert.mvptr``); sizes from
+  the shapes, attention heads width / 64 unless ``--text-heads``; ``--itm-match-index 1`` for a retrieval
+  fine-tuned file (pre-training files label a match 0);
 * ``clip-visual``: an OpenAI CLIP state dict (``visual.*`` keys, or a bare visual tower) -> a timm-named CLIP
   image tower (.pt) for ``model.vision.checkpoint`` (``VisionConfig.clip``).
 
@@ -22,8 +25,8 @@ import argparse
 from pathlib import Path
 
 HELP = "convert an official or transformers checkpoint into a vlp checkpoint (bridgetower-hf, bridgetower, tcl, " \
-       "uniter, clip-visual)"
-KINDS = ("bridgetower-hf", "bridgetower", "tcl", "uniter", "clip-visual")
+       "uniter, mvptr, clip-visual)"
+KINDS = ("bridgetower-hf", "bridgetower", "tcl", "uniter", "mvptr", "clip-visual")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -31,8 +34,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="source checkpoint file or directory")
     p.add_argument("dst", help="vlp checkpoint to write (.ckpt; .pt for clip-visual)")
     p.add_argument("--vision-heads", type=int, default=None, help="tcl: ViT attention heads (default width / 64)")
-    p.add_argument("--text-heads", type=int, default=None, help="tcl, uniter: BERT attention heads (default width / "
+    p.add_argument("--text-heads", type=int, default=None, help="tcl, uniter, mvptr: BERT attention heads (default width / "
                                                                 "64)")
+    p.add_argument("--itm-match-index", type=int, default=0, choices=(0, 1),
+                   help="mvptr: the ITM row of a matched pair in SRC (0: pre-training file, 1: retrieval file)")
     p.add_argument("--prefix", default=None, help="clip-visual: key prefix of the image tower (default: 'visual.' "
                                                   "when such keys exist, else none)")
 
@@ -60,6 +65,10 @@ def run(args) -> int:
         from vlp.convert.uniter import convert_checkpoint
 
         module = convert_checkpoint(src, args.text_heads)
+    elif args.kind == "mvptr":
+        from vlp.convert.mvptr import convert_checkpoint
+
+        module = convert_checkpoint(src, args.text_heads, args.itm_match_index)
     else:
         from vlp.convert.tcl import convert_checkpoint
 

@@ -102,3 +102,31 @@ def check_fit(module, state_dict: dict[str, torch.Tensor], what: str,
         raise KeyError(f"converted {what} checkpoint does not fit the model: missing {hard[:8]}, unexpected "
                        f"{unexpected[:8]}")
     return [k for k in missing if optional(k)]
+
+
+def load_official_state_dict(path, what: str) -> dict[str, torch.Tensor]:
+    """The state dict of an official file (bare, or under ``model`` / ``state_dict``), read ``weights_only``."""
+    ckpt = load_file(path, what=what)
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+    return tensor_dict(ckpt, path, what)
+
+
+def load_converted(model, converted: dict[str, torch.Tensor], source: str, tied: Iterable[str] = ()) -> list[str]:
+    """Load converted tensors into a built model, checking every key and shape. Keys in ``tied`` (views of other
+    tensors) may be absent. Returns the module keys the file did not cover (warned about: they keep their init)."""
+    own = model.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"{source} does not fit the model's shapes: {bad[:6]}")
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if unexpected:
+        raise KeyError(f"{source}: no place in the model for {unexpected[:8]}")
+    tied = set(tied)
+    absent = [k for k in missing if k not in tied]
+    if absent:
+        log.warning("%s has no weights for %s: they keep their initialisation", source,
+                                                 ", ".join(sorted({k.split(".")[0] for k in absent})))
+    return absent

@@ -36,17 +36,14 @@ have (e.g. the region heads of an ``-init`` file), which keep their init and are
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from vlp.convert.common import layer_indices, load_file, rename_by_prefix, report_skipped, tensor_dict, \
-    unknown_keys_error
+from vlp.convert.common import layer_indices, load_converted, load_official_state_dict, rename_by_prefix, \
+    report_skipped, unknown_keys_error
 
 __all__ = ["convert_state_dict", "config_from_state_dict", "load_official", "load_into", "convert_checkpoint"]
-
-log = logging.getLogger("vlp.convert")
 
 OFFICIAL = "an official UNITER state dict (model_step_N.pt, uniter-base.pt, uniter-base-init.pt)"
 
@@ -143,32 +140,16 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], heads: int | None = None
 
 def load_official(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of an official file (bare, or under ``model`` / ``state_dict``), ``weights_only=True``."""
-    ckpt = load_file(path, what=OFFICIAL)
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-    return tensor_dict(ckpt, path, OFFICIAL)
+    return load_official_state_dict(path, OFFICIAL)
 
 
 def load_into(model, official: dict[str, torch.Tensor]) -> list[str]:
     """Load a converted official state dict into a built ``UNITER``, checking every key and shape. Returns the
     module keys the file did not cover (heads it does not have; they keep their init)."""
     converted = convert_state_dict(official)
-    own = model.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
-           if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"official UNITER state_dict does not fit the model's shapes: {bad[:6]}")
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    if unexpected:
-        raise KeyError(f"official UNITER state_dict: no place in the model for {unexpected[:8]}")
     # tied copies that are absent are fine (the tie covers them); a whole head missing is reported
-    absent = [k for k in missing if k not in _TIED or _TIED[k] not in converted]
-    if absent:
-        heads = sorted({k.split(".")[0] for k in absent})
-        log.warning("official UNITER state_dict has no weights for %s: they keep their initialisation",
-                    ", ".join(heads))
-    return absent
+    tied = [k for k, src in _TIED.items() if src in converted]
+    return load_converted(model, converted, "official UNITER state_dict", tied)
 
 
 def convert_checkpoint(src: str | Path, heads: int | None = None):

@@ -29,6 +29,13 @@ region_boxes       float32 [B, N, 4]        xyxy in [0, 1]
 region_mask        bool [B, N]              True on real regions
 region_cls_prob    float32 [B, N, C]        when every sample has ``cls_prob``
 region_labels      list[list[str]] [B]      when every sample has ``labels``: the regions' object names
+tag_ids, tag_mask  int64 [B, T]             only with ``tags``: ``[CLS] tags [SEP]`` (``vlp.data.concepts``)
+tag_mlm_ids        int64 [B, T]             training: tags masked by the model's rule (MCR), and
+tag_mlm_labels                              their labels (-100 elsewhere)
+phrase_mask        bool [B, L]              only with phrases: True on the phrase tokens that ``input_ids`` /
+                                            ``mlm_input_ids`` carry after the words (``[CLS] words phrases [SEP]``;
+                                            ``mlm_input_ids`` has them corrupted, ``mlm_labels`` ignores them)
+all_phrases        list[list[list[tuple]]]  only for retrieval with phrases: every caption's phrases
 =================  =======================  =====================================================================
 
 Retrieval batches (``text=False``) hold only the visual keys (``image`` and/or ``region_*``), ``image_ids``,
@@ -64,6 +71,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vlp.data.concepts import PhraseRows, TagRows, caption_phrases
 from vlp.data.masking import Masker, MaskingConfig
 from vlp.data.questions import QuestionRows, pick_questions, question_index
 from vlp.data.regions import load_regions, pad_regions
@@ -149,6 +157,22 @@ def sample_captions(info, key: str) -> list[str]:
     return captions
 
 
+def sample_phrases(info: dict, key: str, n_captions: int) -> list[list[tuple]]:
+    """The json ``phrases`` of a sample (one list of concept tuples per caption), checked; a sample without them has
+    none (its captions take no part in phrase grounding)."""
+    value = info.get("phrases")
+    if value is None:
+        return [[] for _ in range(n_captions)]
+    if not isinstance(value, list) or len(value) != n_captions:
+        raise CorruptSample(f"sample {key}: json field 'phrases' must be a list with one entry per caption "
+                            f"({n_captions}), got {type(value).__name__}"
+                            + (f" of {len(value)}" if isinstance(value, list) else ""))
+    try:
+        return [caption_phrases(v, f"sample {key}: phrases[{i}]") for i, v in enumerate(value)]
+    except ValueError as e:
+        raise CorruptSample(str(e)) from None
+
+
 class ImageViews:
     """A PIL image -> its view(s) and the flip decision, seeded per sample: ``(view, view2 | None, flipped)``.
 
@@ -180,7 +204,7 @@ class SampleProcessor:
     def __init__(self, transform, *, seed: int = 0, caption: str = "random", hflip: bool = False,
                  two_views: bool = False, regions: bool = False, images: bool = True,
                  first_caption_prob: float = 0.0, task: str = "pretrain", num_answers: int = 0,
-                 all_questions: bool = False):
+                 all_questions: bool = False, phrases: bool = False):
         if task not in ("pretrain", "vqa"):
             raise ValueError(f"data.task={task!r}: expected 'pretrain' or 'vqa'")
         if task == "vqa" and num_answers < 1:
@@ -194,6 +218,7 @@ class SampleProcessor:
         self.views = ImageViews(transform, hflip=hflip, two_views=two_views) if images else None
         self.images, self.regions = images, regions
         self.task, self.num_answers, self.all_questions = task, num_answers, all_questions
+        self.phrases = phrases
         wanted = ["json"] + (list(IMAGE_EXTS) if images else []) + (["regions.npz"] if regions else [])
         self.decoder = wds.autodecode.Decoder([decode_image], only=wanted)
 
@@ -238,9 +263,16 @@ class SampleProcessor:
                     **self.visual(sample, key, base, allow_flip=False)}
         captions = sample_captions(info, key)
         out = {"key": key, **self.visual(sample, key, base)}
-        caption = captions[self.choice(len(captions), base)].strip()
+        chosen = self.choice(len(captions), base)
+        caption = captions[chosen].strip()
         out.update(caption=swap_left_right(caption) if out["flipped"] else caption, captions=captions,
                    image_id=image_id, seed=stable_hash(base, "mlm"))
+        if self.phrases:
+            per_caption = sample_phrases(info, key, len(captions))
+            mine = per_caption[chosen]
+            if out["flipped"]:  # the phrases follow the caption's left/right swap
+                mine = [tuple(swap_left_right(p) for p in t) for t in mine]
+            out.update(phrases=mine, all_phrases=per_caption)
         return out
 
     def question_index(self, key: str, n: int, visit: int) -> int:
@@ -300,19 +332,27 @@ class Collator:
     def __init__(self, tokenizer, *, max_text_len: int = 32, masking: Optional[MaskingConfig] = None,
                  regions: bool = False, normalize: str = "clip", num_answers: int = 0,
                  caption_preprocess: str = "none", max_words: int = 30, text: bool = True,
-                 all_captions: bool = False):
+                 all_captions: bool = False, tags: Optional[TagRows] = None,
+                 phrases: Optional[PhraseRows] = None):
         self.masking = masking if masking is not None else MaskingConfig()
         self.tokenize = TextTokenizer(tokenizer, max_text_len, preprocess=caption_preprocess, max_words=max_words)
         self.images = ImageBatcher(normalize)
         self.mlm = CaptionMasking(tokenizer, self.masking) if text else None
         self.questions = QuestionRows(self.tokenize, num_answers) if num_answers >= 1 else None
         self.regions, self.text, self.all_captions = regions, text, all_captions
+        self.tags, self.phrases = tags, phrases
         self.num_answers = num_answers
 
     def visual(self, samples: Sequence[dict]) -> dict:
         out = self.images.batch(samples)
         if self.regions:
             out.update(pad_regions(samples))
+        if self.tags is not None:
+            if "region_labels" not in out:
+                raise ValueError("concept tags need the regions' object names (regions.npz 'labels') in every "
+                                 f"sample; samples {[s.get('key') for s in samples[:3]]} lack them")
+            seeds = [s["seed"] for s in samples] if self.text and all("seed" in s for s in samples) else None
+            out.update(self.tags(out["region_labels"], seeds))
         return out
 
     def ids(self, samples: Sequence[dict]) -> dict:
@@ -325,6 +365,10 @@ class Collator:
         text = self.tokenize(captions, raw=True, word_ids=self.masking.whole_word)
         out = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
         out.update(self.mlm(text, samples))
+        if self.phrases is not None:
+            seeds = [s["seed"] for s in samples]
+            out.update(self.phrases(out, [s.get("phrases", []) for s in samples],
+                                    mlm=(out.pop("mlm_input_ids"), out.pop("mlm_labels")), seeds=seeds))
         out["captions"] = captions
         return out
 
@@ -339,6 +383,8 @@ class Collator:
         batch.update(self.ids(samples))
         if self.all_captions:
             batch["all_captions"] = [self.tokenize.captions(s["captions"]) for s in samples]
+            if self.phrases is not None:
+                batch["all_phrases"] = [s.get("all_phrases") or [[] for _ in s["captions"]] for s in samples]
         return batch
 
     def vqa(self, samples: Sequence[dict]) -> dict:
@@ -354,4 +400,4 @@ class Collator:
 
 __all__ = ["SampleProcessor", "Collator", "CaptionChoice", "ImageViews", "ImageBatcher", "CaptionMasking",
            "pad_regions", "load_regions", "stable_image_id", "seeded_torch", "sample_seed", "sample_captions",
-           "mirror_boxes", "IMAGE_EXTS"]
+           "mirror_boxes", "sample_phrases", "IMAGE_EXTS"]

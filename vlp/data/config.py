@@ -62,6 +62,13 @@ class ShardsDataConfig:
     corrupt_min_samples: int = 100  # ... once a worker has read at least this many samples
     images: bool = True  # decode the image member (false: region-only models; samples need no image)
     regions: bool = False  # load regions.npz (UNITER/MVPTR)
+    # Concepts (MVPTR, vlp.data.concepts; set from the model's READS): object tags from the regions' labels, and
+    # phrase tokens appended to each caption from the json's per-caption ``phrases``.
+    tags: bool = False
+    max_tags: int = 20  # tag tokens incl. [CLS]/[SEP] (official max_tag_length: 20 pre-training, 30 fine-tuning)
+    phrases: bool = False
+    max_phrases: int = 5  # phrase slots beyond max_text_len (official max_phrases)
+    phrase_vocab: Optional[str] = None  # phrase_vocab.json; None: the one beside the tokenizer
     # What a sample is: "pretrain" (an image and one of its captions, MLM-masked) or "vqa" (an image and one of its
     # questions with soft answer targets; see vlp.data.collate). Evaluation splits of a vqa config yield every question.
     task: str = "pretrain"
@@ -86,6 +93,10 @@ class ShardsDataConfig:
         for name in ("loader_timeout_s", "loader_start_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: wait forever)")
+        if self.tags and not self.regions:
+            raise ValueError("tags=true needs regions=true (tags are the regions' object names)")
+        if self.max_tags < 2 or self.max_phrases < 0:
+            raise ValueError(f"max_tags={self.max_tags} must be >= 2 and max_phrases={self.max_phrases} >= 0")
         if self.max_words < 1:
             raise ValueError(f"max_words={self.max_words} must be >= 1")
         for name in ("max_text_len", "eval_max_text_len"):

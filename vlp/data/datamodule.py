@@ -65,6 +65,20 @@ def resolve_tokenizer(cfg: ShardsDataConfig) -> str:
     return str(path if path.is_absolute() else Path(first) / path)
 
 
+def resolve_phrase_vocab(cfg: ShardsDataConfig) -> Path:
+    """``cfg.phrase_vocab``, or ``phrase_vocab.json`` in the tokenizer's directory (where
+    ``data_recipes/phrase_vocab.py`` writes it)."""
+    from vlp.data.concepts import PHRASE_VOCAB_FILE
+
+    if cfg.phrase_vocab:
+        return Path(cfg.phrase_vocab)
+    tok = Path(resolve_tokenizer(cfg))
+    if not tok.is_dir():
+        raise ValueError(f"data.phrase_vocab is not set and the tokenizer {tok} is not a local directory to find "
+                         f"{PHRASE_VOCAB_FILE} in; set data.phrase_vocab")
+    return tok / PHRASE_VOCAB_FILE
+
+
 def resolve_answers(cfg: ShardsDataConfig) -> list[str]:
     """The VQA answer vocabulary (index = label): ``cfg.answers`` (a JSON list), else the ``answers`` list in the
     first train (else val/test) source's index.json meta, else the file its ``answers_file`` names (relative to the
@@ -224,11 +238,12 @@ class RetrievalData(tuple):
     """A retrieval split, in shard order. Unpacks as ``(visuals, texts, txt2img, img2txt)``: ``visuals`` (a
     :class:`RetrievalVisuals`: collated batches of the images, ``len()`` = number of images), ``texts`` (every
     caption of every image, pre-processed), ``txt2img[t]`` (the image of text ``t``), ``img2txt[i]`` (the texts of
-    image ``i``); ``.keys`` and ``.image_ids`` of the images (and every part by name) as attributes."""
+    image ``i``); ``.keys`` and ``.image_ids`` of the images (and every part by name) as attributes; ``.phrases``
+    (with ``data.phrases``): each text's concept tuples, else None."""
 
-    def __new__(cls, visuals, texts, txt2img, img2txt, keys, image_ids):
+    def __new__(cls, visuals, texts, txt2img, img2txt, keys, image_ids, phrases=None):
         obj = super().__new__(cls, (visuals, texts, txt2img, img2txt))
-        obj.keys, obj.image_ids = keys, image_ids
+        obj.keys, obj.image_ids, obj.phrases = keys, image_ids, phrases
         return obj
 
     visuals = property(lambda self: self[0])
@@ -302,6 +317,7 @@ class ShardDataModule(L.LightningDataModule):
         self._warned_fingerprint = False
         self._ready_at_record: Optional[int] = None
         self._answers: Optional[list[str]] = None
+        self._phrase_vocab = None
 
     # -- pieces ------------------------------------------------------------------------------------------------------
     @property
@@ -309,6 +325,30 @@ class ShardDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(resolve_tokenizer(self.cfg))
         return self._tokenizer
+
+    @property
+    def phrase_vocab(self):
+        """The :class:`vlp.data.concepts.PhraseVocab` (``data.phrases`` in pre-training), or None."""
+        if self._phrase_vocab is None and self.reads_phrases:
+            from vlp.data.concepts import PhraseVocab
+
+            self._phrase_vocab = PhraseVocab.load(resolve_phrase_vocab(self.cfg), self.tokenizer)
+        return self._phrase_vocab
+
+    @property
+    def reads_phrases(self) -> bool:
+        """Captions get phrase tokens: ``data.phrases`` on caption data (VQA questions have none)."""
+        return self.cfg.phrases and self.cfg.task == "pretrain"
+
+    def concept_rows(self, max_text_len: int):
+        """``(TagRows | None, PhraseRows | None)`` for ``data.tags`` / ``data.phrases``."""
+        from vlp.data.concepts import PhraseRows, TagRows
+
+        c = self.cfg
+        tags = TagRows(self.tokenizer, c.max_tags, self.masking) if c.tags else None
+        phrases = (PhraseRows(self.phrase_vocab, self.tokenizer, max_text_len, c.max_phrases, self.masking)
+                   if self.reads_phrases else None)
+        return tags, phrases
 
     @property
     def answers(self) -> list[str]:
@@ -336,9 +376,11 @@ class ShardDataModule(L.LightningDataModule):
     def collator(self, *, text: bool = True, all_captions: bool = False) -> Collator:
         """The batch builder (``text=False, all_captions=True``: retrieval images with their captions)."""
         c = self.cfg
+        tags, phrases = self.concept_rows(c.max_text_len)
         return Collator(self.tokenizer, max_text_len=c.max_text_len, masking=self.masking, regions=c.regions,
                         normalize=c.normalize, num_answers=self.num_answers, caption_preprocess=c.caption_preprocess,
-                        max_words=c.max_words, text=text, all_captions=all_captions)
+                        max_words=c.max_words, text=text, all_captions=all_captions, tags=tags,
+                        phrases=phrases)
 
     def processor(self, train: bool) -> SampleProcessor:
         """Training: one caption (one question with ``task: vqa``) per visit of an image; evaluation: the first
@@ -347,7 +389,8 @@ class ShardDataModule(L.LightningDataModule):
         return SampleProcessor(build_transform(c, train=train), seed=c.seed, caption=c.caption if train else "first",
                                hflip=c.hflip and train, two_views=c.two_views and train, regions=c.regions,
                                images=c.images, first_caption_prob=c.first_caption_prob if train else 0.0,
-                               task=c.task, num_answers=self.num_answers, all_questions=not train)
+                               task=c.task, num_answers=self.num_answers, all_questions=not train,
+                               phrases=self.reads_phrases)
 
     def text_tokenizer(self, train: bool = True) -> TextTokenizer:
         """Caption pre-processing + tokenisation at ``max_text_len`` (training) or ``eval_max_text_len``."""
@@ -534,9 +577,13 @@ class ShardDataModule(L.LightningDataModule):
             return self._eval_loader(shard_dir, collate, pin_memory=False, source=source)
 
         keys, image_ids, texts, txt2img, img2txt, kept = [], [], [], [], [], []
+        phrases: Optional[list] = [] if self.reads_phrases else None
         nbytes, corrupt = 0, 0
         for batch in loader():
             corrupt += int(batch.get("n_corrupt", 0))
+            if phrases is not None:
+                for per_caption in batch["all_phrases"]:
+                    phrases.extend(per_caption)
             for key, image_id, caps in zip(batch["keys"], batch["image_ids"].tolist(), batch["all_captions"]):
                 img2txt.append(list(range(len(texts), len(texts) + len(caps))))
                 txt2img.extend([len(keys)] * len(caps))
@@ -554,15 +601,27 @@ class ShardDataModule(L.LightningDataModule):
                           stacklevel=2)
         if not keys:
             raise ValueError(f"retrieval_data({split!r}): no readable samples in {shard_dir}")
-        return RetrievalData(RetrievalVisuals(loader, keys, kept, corrupt), texts, txt2img, img2txt, keys, image_ids)
+        return RetrievalData(RetrievalVisuals(loader, keys, kept, corrupt), texts, txt2img, img2txt, keys, image_ids,
+                             phrases)
 
-    def encode_texts(self, texts: list[str]) -> dict:
+    def encode_texts(self, texts: list[str], phrases: Optional[list] = None) -> dict:
         """Evaluation texts -> ``{"input_ids", "attention_mask"}`` (int64 [N, L], one common L for all texts: the
-        longest, at most ``eval_max_text_len``), after the same caption pre-processing as training."""
+        longest, at most ``eval_max_text_len``), after the same caption pre-processing as training. With
+        ``data.phrases`` each text's phrase tokens follow its words (``phrases``: one list of tuples per text;
+        None: no phrases) and ``phrase_mask`` is added."""
         if not texts:
             raise ValueError("encode_texts: no texts")
-        tokens = self.text_tokenizer(train=False)(texts)
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        tok = self.text_tokenizer(train=False)
+        tokens = tok(texts)
+        out = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        if self.reads_phrases:
+            if phrases is None:
+                phrases = [[] for _ in texts]
+            if len(phrases) != len(texts):
+                raise ValueError(f"encode_texts: {len(phrases)} phrase lists for {len(texts)} texts")
+            _, rows = self.concept_rows(tok.max_len)
+            out = rows(out, phrases)
+        return out
 
 
 __all__ = ["ShardDataModule", "StreamPosition", "RetrievalData", "RetrievalVisuals", "resolve_tokenizer",

@@ -13,7 +13,9 @@ features       float [B, N, D]          region features, zero-padded to the batc
 boxes          float [B, N, 4]          xyxy in [0, 1]
 mask           bool [B, N]              True on real regions
 cls_prob       float [B, N, C]          the detector's class distribution (MRC-kl targets)
-labels         list[list[str]] [B]      object names of the regions (concept tags)
+labels         list[list[str]] [B]      object names of the regions
+tag_ids        int64 [B, T]             ``[CLS] tags [SEP]``: the image's concept tags, tokenised (MVPTR)
+tag_mask       int64 [B, T]             1 on tag tokens
 =============  =======================  ==========================================================================
 """
 
@@ -27,7 +29,7 @@ __all__ = ["Visual"]
 
 # batch key -> Visual field (the collator's key table, vlp.data.collate)
 BATCH_KEYS = {"image": "pixels", "region_features": "features", "region_boxes": "boxes", "region_mask": "mask",
-              "region_cls_prob": "cls_prob", "region_labels": "labels"}
+              "region_cls_prob": "cls_prob", "region_labels": "labels", "tag_ids": "tag_ids", "tag_mask": "tag_mask"}
 
 
 class Visual(NamedTuple):
@@ -37,6 +39,8 @@ class Visual(NamedTuple):
     mask: Optional[torch.Tensor] = None
     cls_prob: Optional[torch.Tensor] = None
     labels: Optional[list] = None
+    tag_ids: Optional[torch.Tensor] = None
+    tag_mask: Optional[torch.Tensor] = None
 
     @classmethod
     def from_batch(cls, batch: dict) -> "Visual":

@@ -153,11 +153,16 @@ def evaluate_retrieval_run(cfg, model, dm, trainer=None, step: int | None = None
     protocol = resolve_protocol(model, ev.first_stage, ev.combine)
     data = dm.retrieval_data(ev.split)
     visuals, texts, txt2img, img2txt = data
+    if data.phrases is not None:  # a text's phrases travel with it through the selections below
+        texts = list(zip(texts, data.phrases))
     if ev.captions == "first":
         texts, txt2img, img2txt = first_captions(texts, txt2img, img2txt)
     if ev.subset is not None:
         texts, txt2img, img2txt = take_subset(texts, txt2img, img2txt, ev.subset)
-    enc = dm.encode_texts(texts)
+    phrases = None
+    if data.phrases is not None:
+        texts, phrases = [t for t, _ in texts], [p for _, p in texts]
+    enc = dm.encode_texts(texts, phrases)
     metrics = evaluate_retrieval(model, visuals, Text(enc["input_ids"], enc["attention_mask"]), txt2img, img2txt,
                                  protocol=protocol, k=ev.k_test, batch_size=ev.batch_size,
                                  limit=len(img2txt) if ev.subset is not None else None, progress=ev.progress)

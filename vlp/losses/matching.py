@@ -7,7 +7,9 @@ negative text:
   valid candidates (``torch.multinomial``);
 * ``"global-hard"`` (BridgeTower's ``gather_global_negative``): the same over the batch gathered from all ranks;
   the returned indices point into the gathered batch;
-* ``"random"``: uniform over the valid candidates of this rank's batch.
+* ``"random"``: uniform over the valid candidates of this rank's batch;
+* :func:`hardest_negatives` (MVPTR): the most similar valid candidate (argmax, no draw), and a random half of the
+  batch pairs a text with its hardest image, the other half an image with its hardest text.
 
 A candidate is valid unless it is the row's own positive or shares the row's image id (a second caption of the
 same image is never a negative). A row whose weights are unusable (NaN/inf similarities, or every valid weight
@@ -28,7 +30,8 @@ from torch import Tensor
 
 from vlp.utils import distributed as vdist
 
-__all__ = ["sample_negatives", "itm_loss", "itm_triplets", "swap_images_for_itm", "valid_negative_mask"]
+__all__ = ["sample_negatives", "itm_loss", "itm_triplets", "swap_images_for_itm", "valid_negative_mask",
+           "hardest_negatives"]
 
 Mode = Literal["random", "local-hard", "global-hard"]
 
@@ -184,6 +187,31 @@ def swap_images_for_itm(
                                     else torch.arange(batch_size, device=device), generator)
     own = torch.arange(batch_size, device=device)
     return torch.where(labels.bool(), own, negatives), labels
+
+
+def hardest_negatives(sim_t2i: Tensor, order: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """MVPTR's in-batch hard negatives (``encode_hn``, ``hn_mod='hard'``), one per positive pair.
+
+    ``sim_t2i`` [B, B]: text x image similarities. The hardest image of text i is the argmax of row i over the valid
+    candidates, the hardest text of image j the argmax of column j (the official ``S - 2I`` argmax, which also never
+    picks the pair itself; here an image sharing the row's image id is passed over too, unless nothing else is
+    left). ``order`` [B] is a permutation (official ``dice_index = randperm(B)``): its first ``B // 2`` entries i
+    give the pairs (text i, hardest image of i), the rest j the pairs (hardest text of j, image j), so odd batches
+    get one more image-anchored pair. Returns ``(text_index, image_index)``, long [B], of the negative pairs in
+    that order."""
+    b = sim_t2i.shape[0]
+    if sim_t2i.shape != (b, b) or order.shape != (b,):
+        raise ValueError(f"hardest_negatives: expected sim [B, B] and order [B], got {tuple(sim_t2i.shape)}, "
+                         f"{tuple(order.shape)}")
+    sim = sim_t2i.detach().float()
+    valid = valid_negative_mask(b, b, 0, image_ids, image_ids, device=sim.device)
+    fallback = sim - 2.0 * torch.eye(b, device=sim.device)
+    masked = sim.masked_fill(~valid, float("-inf"))
+    hard_image = torch.where(valid.any(1), masked.argmax(1), fallback.argmax(1))
+    hard_text = torch.where(valid.any(0), masked.argmax(0), fallback.argmax(0))
+    order = order.to(sim.device)
+    first, rest = order[: b // 2], order[b // 2:]
+    return torch.cat([first, hard_text[rest]]), torch.cat([hard_image[first], rest])
 
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:

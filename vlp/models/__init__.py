@@ -15,6 +15,7 @@ MODELS = {
     "tcl": ("vlp.models.tcl", "TCLConfig", "TCL"),
     "bridgetower": ("vlp.models.bridgetower", "BridgeTowerConfig", "BridgeTower"),
     "uniter": ("vlp.models.uniter", "UNITERConfig", "UNITER"),
+    "mvptr": ("vlp.models.mvptr", "MVPTRConfig", "MVPTR"),
 }
 
 
@@ -56,6 +57,25 @@ def bind_tokenizer(model_cfg, tokenizer):
         if fill:
             changes["text"] = dataclasses.replace(text, **fill)
     return dataclasses.replace(model_cfg, **changes) if changes else model_cfg
+
+
+def bind_concepts(model_cfg, phrase_vocab, checkpoint=None):
+    """Fill ``phrase_vocab_size: null`` (MVPTR) from the data's phrase vocabulary; data without phrases (VQA
+    questions) takes it from the ``checkpoint`` being fine-tuned or evaluated, else 0."""
+    import dataclasses
+
+    if getattr(model_cfg, "phrase_vocab_size", 0) is not None:
+        return model_cfg
+    if phrase_vocab is not None:
+        size = phrase_vocab.size
+    elif checkpoint:
+        from vlp.utils.checkpoint import read_checkpoint
+
+        saved = (read_checkpoint(checkpoint).get("hyper_parameters") or {}).get("model") or {}
+        size = int(saved.get("phrase_vocab_size") or 0)
+    else:
+        size = 0
+    return dataclasses.replace(model_cfg, phrase_vocab_size=size)
 
 
 for _name in MODELS:

@@ -292,6 +292,21 @@ class PretrainModule(L.LightningModule):
 
     vqa_loss = staticmethod(vqa_bce_loss)
 
+    # -- the model's own draws ---------------------------------------------------------------------------------------
+    def step_generator(self, prefix: str, seed: int, *salt) -> torch.Generator:
+        """A fresh CPU generator for one call's draws (negatives, picks, masks), seeded from ``(prefix, seed,
+        global_step, rank, call within the step, *salt)``: a pure function of the run's position, so a resumed run
+        draws what the uninterrupted one did. The call counter restarts at every optimizer step, so the
+        micro-batches of one accumulation window draw apart."""
+        from vlp.data.stream import stable_hash
+
+        step = int(self.global_step) if self._trainer is not None else 0
+        last, count = getattr(self, "_draw_counter", (-1, 0))
+        count = count + 1 if last == step else 0
+        self._draw_counter = (step, count)
+        rank = int(self.global_rank) if self._trainer is not None else 0
+        return torch.Generator().manual_seed(stable_hash(prefix, seed, step, rank, count, *salt))
+
     # -- weighting ------------------------------------------------------------------------------------------------------
     def weight(self, name: str) -> float:
         return float(self.loss_weights.get(name, 1.0))
@@ -305,12 +320,20 @@ class PretrainModule(L.LightningModule):
         total = sum(self.weight(k) * v for k, v in out.losses.items() if self.enabled(k))
         bs = batch["input_ids"].shape[0] if "input_ids" in batch else None
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+
         self.log_dict({f"train/{k}": v.detach() for k, v in out.losses.items()}, batch_size=bs)
         self.log_dict({f"train/{k}": (v.detach() if isinstance(v, torch.Tensor) else float(v))
                        for k, v in out.metrics.items()}, batch_size=bs)
         if "n_corrupt" in batch:  # the data pipeline counts skipped corrupt samples
             self.log("data/corrupt", float(batch["n_corrupt"]), reduce_fx="max", batch_size=bs)
-        return total
+        return total * self.grad_scale()
+
+    def grad_scale(self) -> float:
+        """The factor on the backward loss: the world size with ``optim.grad_reduction: sum`` (DDP averages the ranks'
+        gradients, so this makes them a sum, as UNITER's official all-reduce), else 1. The logged loss is unscaled."""
+        if self.optim_cfg.grad_reduction == "sum" and self._trainer is not None:
+            return float(self.trainer.world_size)
+        return 1.0
 
     def configure_optimizers(self):
         return configure_adamw(self, self.optim_cfg, self.total_steps)

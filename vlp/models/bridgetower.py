@@ -60,7 +60,7 @@ from torch import nn
 
 from vlp.blocks.fusion import BRIDGE_KINDS, CoAttentionStack
 from vlp.blocks.heads import ITMHead, Pooler, Projection, init_bert_weights
-from vlp.blocks.text import MLMHead, TextConfig, TextEncoder
+from vlp.blocks.text import MLMHead, TextConfig, TextEncoder, explicit_text_config
 from vlp.blocks.vision import VisionConfig, VisionTower
 from vlp.config import OptimConfig
 from vlp.losses.contrastive import Temperature, info_nce
@@ -188,12 +188,7 @@ class BridgeTower(PretrainModule):
     def resolved_config(self) -> BridgeTowerConfig:
         """``cfg`` with every size made explicit and no pretrained-weight loading: what this module is."""
         hf = self.text.hf_config
-        text = dataclasses.replace(
-            self.cfg.text, name=None, pretrained=False, arch=self.text.arch, vocab_size=hf.vocab_size,
-            hidden=hf.hidden_size, layers=hf.num_hidden_layers, heads=hf.num_attention_heads,
-            intermediate=hf.intermediate_size, max_position=hf.max_position_embeddings,
-            type_vocab_size=hf.type_vocab_size, ln_eps=hf.layer_norm_eps, pad_token_id=hf.pad_token_id,
-            dropout=hf.hidden_dropout_prob, mlm_head=False)
+        text = explicit_text_config(self.cfg.text, hf, mlm_head=False)
         vision = dataclasses.replace(self.cfg.vision, pretrained=False, checkpoint=None)
         stack = self.cross_modal.text_layers[0]
         return dataclasses.replace(

@@ -65,7 +65,8 @@ Where we differ from the official code, on purpose:
 * the OT distance stays fp32 and a pair with no real token on a side gives 0, not NaN;
 * one loss scale for every task (the official apex AMP keeps one per task-dataset loader);
 * DDP averages the gradients over ranks where the official all-reduce sums them (Adam hardly sees the scale, but the
-  official clipping at 5 acts on the sum).
+  official clipping at 5 acts on the sum): ``optim.grad_reduction: sum`` scales the backward loss by the world size
+  to reproduce the sum; the default ``mean`` is DDP's.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from torch import nn
 from vlp.blocks.bert import LayerStack, MLMHead, text_embeddings
 from vlp.blocks.heads import ITMHead, Pooler, init_bert_weights
 from vlp.blocks.regions import RegionEmbedder
-from vlp.blocks.text import TextConfig, build_hf_config
+from vlp.blocks.text import TextConfig, build_hf_config, explicit_text_config
 from vlp.config import OptimConfig
 from vlp.data.masking import MaskingConfig
 from vlp.data.stream import stable_hash
@@ -271,18 +272,13 @@ class UNITER(PretrainModule):
             self.load_pretrained(cfg.text.name)
         self.task_sampler = TaskSampler(
             {t: w for t, w in cfg.task_mix.items() if any(self.enabled(k) for k in TASK_LOSSES[t])}, cfg.task_seed)
-        self._draw_counter: tuple[int, int] = (-1, 0)
         self.save_hyperparameters({"model": dataclasses.asdict(self.resolved_config())})
 
     def resolved_config(self) -> UNITERConfig:
         """``cfg`` with every text size explicit and no pretrained-weight loading: what this module is (so that
         ``vlp.models.load`` rebuilds it offline from the checkpoint)."""
         hf = self.hf_config
-        text = dataclasses.replace(
-            self.cfg.text, name=None, pretrained=False, arch="bert", vocab_size=hf.vocab_size, hidden=hf.hidden_size,
-            layers=hf.num_hidden_layers, heads=hf.num_attention_heads, intermediate=hf.intermediate_size,
-            max_position=hf.max_position_embeddings, type_vocab_size=hf.type_vocab_size, ln_eps=hf.layer_norm_eps,
-            pad_token_id=hf.pad_token_id, dropout=hf.hidden_dropout_prob)
+        text = explicit_text_config(self.cfg.text, hf)
         return dataclasses.replace(self.cfg, text=text)
 
     def load_pretrained(self, name_or_path: str) -> None:
@@ -364,14 +360,8 @@ class UNITER(PretrainModule):
         return self.task_sampler(step)
 
     def _generator(self, task: str) -> torch.Generator:
-        """CPU generator for this call's draws: seeded from (task_seed, global_step, rank, call within the step,
-        task); the call counter restarts at every optimizer step, so micro-batches of a window draw apart."""
-        step = int(self.global_step) if self._trainer is not None else 0
-        last, count = self._draw_counter
-        count = count + 1 if last == step else 0
-        self._draw_counter = (step, count)
-        rank = int(self.global_rank) if self._trainer is not None else 0
-        return torch.Generator().manual_seed(stable_hash("uniter-draws", self.cfg.task_seed, step, rank, count, task))
+        """This call's draws: ``step_generator`` salted with the task."""
+        return self.step_generator("uniter-draws", self.cfg.task_seed, task)
 
     def task_outputs(self, batch: dict, task: str, generator: torch.Generator | None = None) -> dict:
         """One task's losses (enabled ones) and the tensors behind them (per-element losses, logits, states)."""

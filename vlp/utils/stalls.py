@@ -32,6 +32,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -243,6 +244,9 @@ class WorkerInit:
         self.inner, self.stall = inner, stall
 
     def __call__(self, worker_id: int) -> None:
+        # SLURM signals every process of a job step: SIGUSR1 (pre-emption notice) is the rank's to handle
+        # (vlp.utils.slurm); its default action would kill a forkserver-started worker under the rank's feet.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         parent = multiprocessing.parent_process()
         if parent is not None and parent.pid != os.getppid():
             threading.Thread(target=_exit_when_ready, args=(parent.sentinel,), daemon=True,
