@@ -51,7 +51,9 @@ def tiny_experiment(name: str, out_dir: Path, shards: Path, task: str = "pretrai
     exp = {"name": run, "output_dir": str(out_dir), "model": model, "data": data,
            "optim": {"lr": 1e-3, "warmup_steps": 2},
            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 12, "log_every_n_steps": 1,
-                       "checkpoint_every_n_steps": 3, "enable_progress_bar": False, **trainer},
+                       "checkpoint_every_n_steps": 3, "enable_progress_bar": False,
+                       "throughput": False,  # FLOP counting and the CPU peak probe: tests/test_throughput.py's business
+                       **trainer},
            "eval": {"k_test": 4, "captions": "first", "progress": False}}
     path = out_dir / f"{run}.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)

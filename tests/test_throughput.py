@@ -210,7 +210,7 @@ def _pretrain(path, *overrides) -> float:
 
 def test_pretrain_logs_rates_and_trains_the_same_weights(shapes_shards, tmp_path):
     steps, batch = 12, 8
-    on = tiny_experiment("tcl", tmp_path / "on", shapes_shards, max_steps=steps)
+    on = tiny_experiment("tcl", tmp_path / "on", shapes_shards, max_steps=steps, throughput=True)
     off = tiny_experiment("tcl", tmp_path / "off", shapes_shards, max_steps=steps, throughput=False)
     wall = _pretrain(on)
     _pretrain(off)
