@@ -539,3 +539,21 @@ def test_images_and_regions_together(region_dirs):
                            regions=True, max_corrupt_ratio=None)
     with pytest.raises(Exception, match="no image member"):  # images=true on a region-only corpus
         epoch_batches(ShardDataModule(cfg))
+
+
+def test_source_shares_become_weights_that_give_those_shares_of_the_epoch():
+    """data.train[*].share (UNITER's COCO/VG/CC/SBU 20/30/30/20): weight_i = share_i x total / size_i, so the epoch
+    keeps the sources' total size and each source fills its share of it; shares for some sources only is an error."""
+    from vlp.data.datamodule import share_weights
+    from vlp.data.stream import Source
+
+    sizes = {"coco": 500, "vg": 5000, "cc": 3000, "sbu": 1500}
+    sources = [Source(path=k, name=k, weight=1.0, shards=("a.tar",), sizes=(n,)) for k, n in sizes.items()]
+    out = share_weights(sources, [20, 30, 30, 20])
+    total = sum(sizes.values())
+    samples = {s.name: s.weight * s.num_samples for s in out}
+    for name, share in zip(sizes, (0.2, 0.3, 0.3, 0.2)):
+        assert samples[name] == pytest.approx(share * total)
+    assert share_weights(sources, [None] * 4) == sources
+    with pytest.raises(ValueError, match="every source a share"):
+        share_weights(sources, [20, None, 30, 20])

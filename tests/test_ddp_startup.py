@@ -15,7 +15,7 @@ from test_pretrain_cli import TINY, _env, read_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments/tcl/tiny.yaml")
-STARTS = 10
+STARTS = 5
 
 
 def run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:

@@ -24,6 +24,7 @@ TINY = [  # a model small enough for seconds of training
     "model.queue_size=64", "model.alpha_warmup_steps=2", "data.image_size=32", "data.batch_size=8",
     "data.eval_batch_size=32", "data.num_workers=0", "trainer.log_every_n_steps=1", "optim.warmup_steps=2",
     "eval.k_test=4", "trainer.enable_progress_bar=false",
+    "trainer.throughput=false",  # FLOP counting costs seconds per start; tests/test_throughput.py covers it
 ]
 
 

@@ -18,10 +18,14 @@ TASKS = ("pretrain", "vqa")
 
 @dataclass
 class SourceConfig:
-    """One training source: a shard directory (holding ``index.json``) and its weight in the mixture."""
+    """One training source: a shard directory (holding ``index.json``) and its weight in the mixture: ``weight``
+    passes over it per epoch, or ``share``, its fraction of the epoch's samples (UNITER's COCO / VG / CC / SBU
+    20 / 30 / 30 / 20): the weights are then ``share x total / size`` (shares normalised; the epoch keeps the
+    sources' total size), so every source of the mixture must give a share."""
 
     path: str = ""
     weight: float = 1.0
+    share: Optional[float] = None
 
 
 @dataclass

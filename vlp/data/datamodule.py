@@ -108,6 +108,19 @@ def resolve_answers(cfg: ShardsDataConfig) -> list[str]:
     return [str(a) for a in answers]
 
 
+def share_weights(sources: list[Source], shares: list[Optional[float]]) -> list[Source]:
+    """Sources with their weights set from ``data.train[*].share`` (see ``SourceConfig``), or as they are when no
+    source gives a share."""
+    import dataclasses
+
+    if all(x is None for x in shares):
+        return sources
+    if any(x is None for x in shares) or any(x <= 0 for x in shares):
+        raise ValueError(f"data.train: shares {shares}: give every source a share > 0, or none (weights apply)")
+    total, norm = sum(s.num_samples for s in sources), sum(shares)
+    return [dataclasses.replace(s, weight=x / norm * total / max(1, s.num_samples)) for s, x in zip(sources, shares)]
+
+
 class StreamPosition:
     """Where the training stream stands: epoch, batches consumed in it, and sample counters (rank-local)."""
 
@@ -431,7 +444,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def build_train_stream(self) -> ShardStream:
         c = self.cfg
-        sources = [self._source(s.path, s.weight) for s in c.train]
+        sources = share_weights([self._source(s.path, s.weight) for s in c.train], [s.share for s in c.train])
         self._check_sources(sources)
         rank, world = self.topology()
         return ShardStream(sources, batch_size=c.batch_size, process=self.processor(train=True),
