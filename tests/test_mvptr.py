@@ -204,8 +204,7 @@ def test_wpg_images_with_one_or_two_regions_and_no_phrases():
     assert torch.isfinite(regions.grad).all()
     # an image with one region: whatever the pick, its score is that region's similarity
     one = text_image_scores(phrases[:1, :1], pmask[:1, :1], regions[:1], rmask[3:4], torch.tensor([[0.99]]))
-    torch.testing.assert_close(one, F.cosine_similarity(phrases[0, 0], regions[0, 0], dim=0).reshape(1).detach()
-                               + 0 * one)
+    torch.testing.assert_close(one.detach(), F.cosine_similarity(phrases[0, 0], regions[0, 0], dim=0).reshape(1).detach())
 
 
 def test_gather_rows_packs_the_selected_positions():

@@ -50,13 +50,11 @@ _PREFIXES = [  # official prefix -> ours; the first match wins
     ("bert.vis_encoder.", "vis_encoder."),
     ("bert.mul_encoder.", "mul_encoder."),
     ("bert.pooler.", "pooler."),
-    ("bert.txt_proj", "txt_proj"),
-    ("bert.vis_proj", "vis_proj"),
-    ("logit_scale", "logit_scale"),
     ("cls.predictions.", "mlm_head."),
     ("half_mlm.", "mcr_head."),
     ("cls.seq_relationship.", "itm_head."),
 ]
+_EXACT = {"bert.txt_proj": "txt_proj", "bert.vis_proj": "vis_proj", "logit_scale": "logit_scale"}
 _DROP_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cls.predictions.decoder.weight",
               "half_mlm.decoder.weight", "cls.predictions.decoder.bias", "half_mlm.decoder.bias")
 _SKIP_PREFIXES = ("qa_head.", "qa_seq_relation.", "classifier.", "re_head.")
@@ -74,9 +72,8 @@ def convert_state_dict(official: dict[str, torch.Tensor], itm_match_index: int =
         if key.startswith(_SKIP_PREFIXES):
             skipped.append(key)
             continue
-        ours = rename_by_prefix(key, _PREFIXES)
-        if ours is None or (ours in ("txt_proj", "vis_proj", "logit_scale") and key not in
-                            ("bert.txt_proj", "bert.vis_proj", "logit_scale")):
+        ours = _EXACT.get(key) or rename_by_prefix(key, _PREFIXES)
+        if ours is None:
             unknown.append(key)
             continue
         out[ours] = value
