@@ -9,6 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # The embedded default: the synthetic shapes world in public raw formats, and its shards.
+TEST_JOBS     ?= auto
 SHAPES_RAW    := data/raw/shapes
 SHAPES_SHARDS := data/shards/shapes
 # `make pretrain-tcl CONFIG=experiments/tcl/pretrain.yaml DATA=/path/to/shards ARGS="trainer.devices=8"`
@@ -17,6 +18,11 @@ DATA   ?=
 ARGS   ?=
 RAW    ?=
 OUT    ?=
+
+# Every run records the command that produced it (results.json "command", the "made by" column of `make report`).
+MADE_BY = make $@$(if $(CONFIG), CONFIG=$(CONFIG))$(if $(DATA), DATA=$(DATA))$(if $(ARGS), ARGS="$(ARGS)")$(if \
+          $(ABLATE_STEPS), ABLATE_STEPS=$(ABLATE_STEPS))$(if $(filter compare-papers,$@), COMPARE_STEPS=$(COMPARE_STEPS))
+pretrain-% finetune-% ablate-% compare-papers: export VLP_COMMAND = $(MADE_BY)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test shapes pretrain-tcl pretrain-bridgetower finetune-vqa-bridgetower ablate-tcl bench clean-runs
@@ -34,8 +40,8 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: setup  ## Run the test suite (CPU, no network)
-	$(BIN)/python -m pytest -q
+test: setup  ## Run the test suite (CPU, no network; TEST_JOBS=1 runs it in one process)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --durations=10
 
 shapes: $(SHAPES_SHARDS)/.done  ## Generate the synthetic shapes world and build its shards (once)
 
@@ -115,8 +121,66 @@ $(MVPTR_TINY_CKPT):
 finetune-vqa-mvptr: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done) $(if $(CONFIG),,$(MVPTR_TINY_CKPT))  ## Fine-tune MVPTR on VQA (default: tiny, shapes world's regions and tags, from make pretrain-mvptr) and print the VQA score
 	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_mvptr_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
 
-ablate-tcl: setup $(SHAPES_SHARDS)/.done  ## The ALBEF ablation of TCL (no IMC, no LMI) on the same budget
-	$(BIN)/vlp pretrain experiments/tcl/ablations/albef.yaml $(ARGS)
+# Retrieval fine-tuning (vlp/tasks/retrieval.py: each paper's objective) from each model's tiny pre-training
+# checkpoint, pre-trained first when missing (as the VQA targets); evaluated by the model's own protocol into the
+# fine-tuning run's results.json (`vlp compare runs/<model>-tiny runs/retrieval-<model>-tiny`). CONFIG= a fine-tuning
+# config (its ckpt is used, nothing is pre-trained here); DATA= a caption shard root with train/ and test/.
+TCL_TINY_CKPT := runs/tcl-tiny/checkpoints/last.ckpt
+$(TCL_TINY_CKPT):
+	@echo "$(TCL_TINY_CKPT) not found: pre-training TCL-tiny first (make pretrain-tcl)"
+	$(MAKE) pretrain-tcl CONFIG= DATA= ARGS=
+
+.PHONY: finetune-retrieval-tcl finetune-retrieval-bridgetower finetune-retrieval-uniter finetune-retrieval-mvptr finetune-vqa-tcl
+finetune-retrieval-tcl: setup $(if $(DATA),,$(SHAPES_SHARDS)/.done) $(if $(CONFIG),,$(TCL_TINY_CKPT))  ## Fine-tune TCL for retrieval (ITC + hard-negative ITM; default: tiny, shapes world, from make pretrain-tcl) and print R@K
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/retrieval_tcl_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
+finetune-retrieval-bridgetower: setup $(if $(DATA),,$(SHAPES_SHARDS)/.done) $(if $(CONFIG),,$(BT_TINY_CKPT))  ## Fine-tune BridgeTower for retrieval (ITC + ITM; default: tiny, shapes world, from make pretrain-bridgetower) and print R@K
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/retrieval_bridgetower_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
+finetune-retrieval-uniter: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done) $(if $(CONFIG),,$(UNITER_TINY_CKPT))  ## Fine-tune UNITER for retrieval (hinge ranking loss, sampled hard negatives; default: tiny, shapes world's regions, from make pretrain-uniter) and print R@K
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/retrieval_uniter_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
+finetune-retrieval-mvptr: setup $(if $(DATA),,$(SHAPES_SHARDS)/.regions-done $(SHAPES_SHARDS)/.phrases-done) $(if $(CONFIG),,$(MVPTR_TINY_CKPT))  ## Fine-tune MVPTR for retrieval (VSC + hardest-negative ITM; default: tiny, shapes world's regions, tags and phrases, from make pretrain-mvptr) and print R@K
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/retrieval_mvptr_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
+finetune-vqa-tcl: setup $(if $(DATA),,$(SHAPES_SHARDS)/.done) $(if $(CONFIG),,$(TCL_TINY_CKPT))  ## Fine-tune TCL on VQA (default: tiny, shapes world, from make pretrain-tcl) and print the VQA score
+	$(BIN)/vlp finetune $(or $(CONFIG),experiments/finetune/vqa_tcl_tiny.yaml) $(if $(DATA),'data.train=[{path: $(DATA)/train}]' data.test=$(DATA)/test) $(ARGS)
+
+# Ablation suites: the tiny default and every experiments/<model>/ablations/*.yaml, one seed, the same budget (the
+# tiny config's max_steps, or ABLATE_STEPS=N), into runs/ablate-<model>[-Nsteps]/, then `vlp compare` into
+# reports/ablate-<model>[-Nsteps]/ (compare.md, losses.png, r_at_1.png). A finished run is not trained again.
+ABLATE_STEPS ?=
+ABLATE_MODELS := tcl uniter mvptr bridgetower
+.PHONY: $(addprefix ablate-,$(ABLATE_MODELS)) compare-papers report
+ablate-tcl: $(SHAPES_SHARDS)/.done  ## TCL ablations: ALBEF (= CMA only here), CMA + IMC, CMA + LMI, TCL (make ablate-tcl ABLATE_STEPS=300)
+ablate-bridgetower: $(SHAPES_SHARDS)/.done  ## BridgeTower bridges: add, scaled add, interpolate, none (METER)
+ablate-uniter: $(SHAPES_SHARDS)/.regions-done  ## UNITER tasks: MLM + ITM, + MRFR, + MRC-kl, + WRA (the tiny default)
+ablate-mvptr: $(SHAPES_SHARDS)/.regions-done $(SHAPES_SHARDS)/.phrases-done  ## MVPTR: all losses, without MCR, without WPG, without phrases
+$(addprefix ablate-,$(ABLATE_MODELS)): ablate-%: setup
+	@set -e; out=runs/ablate-$*$(if $(ABLATE_STEPS),-$(ABLATE_STEPS)steps); \
+	for config in experiments/$*/tiny.yaml experiments/$*/ablations/*.yaml; do \
+		echo "== $$config"; \
+		$(BIN)/vlp pretrain $$config output_dir=$$out $(if $(ABLATE_STEPS),trainer.max_steps=$(ABLATE_STEPS)) $(ARGS); \
+	done; \
+	$(BIN)/vlp compare $$out/*/ --out reports/ablate-$*$(if $(ABLATE_STEPS),-$(ABLATE_STEPS)steps)
+
+# The four papers' tiny defaults on one budget (COMPARE_STEPS optimizer steps of 64 pairs) and one retrieval
+# protocol (ITM over all pairs of the first 200 test images: UNITER has no contrastive head), one report.
+COMPARE_STEPS ?= 600
+PAPERS := tcl uniter mvptr bridgetower
+PAPERS_PROTOCOL := eval.first_stage=all_pairs eval.combine=itm eval.subset=200 eval.captions=first
+compare-papers: setup $(SHAPES_SHARDS)/.regions-done $(SHAPES_SHARDS)/.phrases-done  ## TCL, UNITER, MVPTR, BridgeTower tiny on one budget and protocol -> reports/compare-papers/
+	@set -e; out=runs/compare-papers-$(COMPARE_STEPS)steps; \
+	for model in $(PAPERS); do \
+		echo "== $$model"; \
+		$(BIN)/vlp pretrain experiments/$$model/tiny.yaml output_dir=$$out trainer.max_steps=$(COMPARE_STEPS) \
+			$(PAPERS_PROTOCOL) $(ARGS); \
+	done; \
+	$(BIN)/vlp compare $(foreach m,$(PAPERS),$$out/$(m)-tiny) --out reports/compare-papers
+
+# README's results table from the runs' results.json (vlp/report.py); RUNS="runs/a runs/b" limits it to those.
+report: setup  ## Rewrite README's results table from runs/*/results.json (rows of runs not here are kept)
+	$(BIN)/python -m vlp.report $(RUNS)
 
 data-%: setup  ## Run a recipe: make data-coco RAW=/raw/coco OUT=/shards/coco
 	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make data-$* RAW=... OUT=..."; exit 2; }

@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import RESULTS, machine, write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+
+SAME_WORK_GOAL = 0.8
 
 
 def hf_config(args):
@@ -139,27 +138,6 @@ def timed(fn, device):
     return time.perf_counter() - t, float(loss)
 
 
-def machine(device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": str(device)}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                                     None)
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=int, default=256)
@@ -173,13 +151,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the official code ran TF32)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bridgetower_vs_transformers.json"))
+    p.add_argument("--out", default=str(RESULTS / "bridgetower_vs_transformers.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    load_start = os.getloadavg()[0]
+    info = machine(str(device))
     hf, itm, variants = build(args, device)
     batch = make_batch(args, device)
     steps = {"transformers": lambda: hf_step(hf, itm, batch),
@@ -212,25 +190,26 @@ def main(argv=None) -> int:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     ref = median["transformers"]
     result = {
-        "machine": {**machine(device), "loadavg_1m_at_start": round(load_start, 2),
-                    "loadavg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": info,
         "config": {k: getattr(args, k) for k in ("width", "layers", "cross_layers", "image_size", "text_len", "vocab",
                                                  "batch", "reps", "warmup")}
         | {"image_tokens": (args.image_size // 16) ** 2 + 1, "tf32": bool(args.tf32)},
         "median_step_s": {k: round(v, 4) for k, v in median.items()},
         "ratio_to_transformers": {k: round(v / ref, 3) for k, v in median.items()},
+        # the goal when both do the same arithmetic (issue #13): at most 0.8 x transformers' step time
+        "same_work_goal": {"ratio": round(median["vlp_same_work"] / ref, 3), "goal": SAME_WORK_GOAL,
+                           "met": median["vlp_same_work"] / ref <= SAME_WORK_GOAL},
         "all_step_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "eval_mode_loss": {k: round(v, 6) for k, v in check.items()},
         "last_train_loss": {k: round(v, 4) for k, v in losses.items()},
         "wall_s": round(wall, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(args.out, result)
     print(f"{'variant':<22}{'median step (s)':>16}{'x transformers':>16}")
     for name in steps:
         print(f"{name:<22}{median[name]:>16.4f}{median[name] / ref:>16.3f}")
-    print(f"wrote {out}  (wall {wall:.0f} s, load {load_start:.1f} -> {os.getloadavg()[0]:.1f})")
+    print(f"wrote {out}  (wall {wall:.0f} s, load {info['loadavg_1m_at_start']:.1f} -> "
+          f"{info['loadavg_1m_at_end']:.1f})")
     return 0
 
 

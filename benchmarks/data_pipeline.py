@@ -19,17 +19,13 @@ at 0 and against fast-forwarding by reading the skipped batches (what a generic 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import RESULTS, machine, write_json
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -169,7 +165,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", type=int, nargs="+", default=[96, 256])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed passes per pipeline (best is kept)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_pipeline.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "data_pipeline.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -184,10 +180,7 @@ def main(argv=None) -> dict:
         shard_dir.mkdir()
         tok = train_wordpiece([c for _, caps in items for c in caps], shard_dir / "tokenizer", vocab_size=400)
         write_shards(items, shard_dir)
-        result = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                              "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                              "loadavg_1m_at_start": round(os.getloadavg()[0], 2)},
+        result = {"machine": machine("cpu"),
                   "images": len(items), "source": str(args.data) if args.data else f"synthetic {args.n} x 256 px",
                   "batch_size": args.batch_size, "throughput": {}, "resume": {}}
         for size in args.sizes:
@@ -213,9 +206,7 @@ def main(argv=None) -> dict:
                 ff = f", fast-forward {row['fast_forward_s']:.3f} s" if "fast_forward_s" in row else ""
                 print(f"resume at {name:>5} (batch {row['position_batches']:3d}): first batch after "
                       f"{row['first_batch_s']:.3f} s{ff}")
-        result["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

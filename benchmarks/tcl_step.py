@@ -8,16 +8,15 @@ the config's shapes (no data loading), fp32 and bf16-autocast, interleaved repet
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
-import torch
+from _common import RESULTS, machine, write_json
 
-from vlp import config as config_lib
-from vlp.models import build
+import torch  # noqa: E402
+
+from vlp import config as config_lib  # noqa: E402
+from vlp.models import build  # noqa: E402
 
 
 def synthetic_batch(cfg, vocab: int, generator: torch.Generator) -> dict:
@@ -53,9 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="experiments/tcl/tiny.yaml")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--vocab", type=int, default=201, help="vocabulary when the config takes it from a tokenizer")
-    p.add_argument("--out", default="benchmarks/results/tcl_step.json")
+    p.add_argument("--out", default=str(RESULTS / "tcl_step.json"))
     args = p.parse_args(argv)
     cfg = config_lib.load(args.config)
+    info = machine("cpu")
     results = {}
     for label, overrides in (("tcl", {}), ("albef", {"imc": False, "lmi": False})):
         import dataclasses
@@ -76,11 +76,7 @@ def main(argv=None) -> int:
     results["ratio_tcl_over_albef_fp32"] = round(results["tcl_fp32"]["sec_per_step"]
                                                  / results["albef_fp32"]["sec_per_step"], 3)
     print(f"TCL / ALBEF step time (fp32): {results['ratio_tcl_over_albef_fp32']:.2f}x")
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-               "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "results": results, "machine": machine}, indent=1))
+    write_json(args.out, {"config": args.config, "results": results, "machine": info})
     return 0
 
 

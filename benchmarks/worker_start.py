@@ -17,21 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import RESULTS, ROOT, machine, write_json
 
 
 def measure(args) -> dict:
     """In this process: build the loader with ``args.method`` and time ``args.loaders`` fresh iterations."""
     import threading
 
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from vlp.data.config import ShardsDataConfig, SourceConfig
@@ -75,14 +73,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["fork", "forkserver", "spawn"])
     ap.add_argument("--method", help=argparse.SUPPRESS)  # the measuring child process
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "worker_start.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "worker_start.json")
     args = ap.parse_args(argv)
     if args.method:
         print(json.dumps(measure(args)))
         return {}
     if not (args.data / "index.json").is_file():
         raise SystemExit(f"{args.data}/index.json not found: run `make shapes` or pass --data DIR")
-    load = round(os.getloadavg()[0], 2)
+    info = machine("cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     rows = []
     for method in args.methods:
@@ -92,12 +90,10 @@ def main(argv=None) -> dict:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]))
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "python": platform.python_version(), "loadavg_1m_at_start": load},
+    result = {"machine": info,
               "data": str(args.data), "workers": args.workers, "batch_size": args.batch_size,
               "image_size": args.image_size, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     return result
 
 

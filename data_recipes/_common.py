@@ -12,16 +12,22 @@ where ``ref`` is a path, a list of candidate paths (the first that exists is use
 ``shard_size`` *before* any image is touched, so shard ``i`` always holds the same records; a worker then loads and
 checks each record's image(s), drops the bad ones (counted by reason) and writes the shard atomically, followed by a
 small sidecar ``<shard>.json`` (samples, skips, a fingerprint of the records). A re-run skips every shard whose tar
-and matching sidecar exist, and rebuilds ``index.json`` from the sidecars.
+and matching sidecar exist, and rebuilds ``index.json`` from the sidecars. The fingerprint covers each record's key,
+json and image files as they are on disk (size and modification time, or absence), so a raw image added, replaced
+or removed since rewrites exactly the shards holding its records; ``--force`` rewrites every shard of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -235,17 +241,61 @@ def sidecar_path(shard_path: Path) -> Path:
     return shard_path.with_name(shard_path.name + ".json")
 
 
+def _file_state(path: Any, stats: dict) -> list | None:
+    """``[size, mtime_ns]`` of a raw file, None when it is absent (``stats`` caches the calls of one fingerprint:
+    records sliced from one input tar share its file)."""
+    path = os.fspath(path)
+    if path not in stats:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        stats[path] = None if st is None or stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns]
+    return stats[path]
+
+
+def _image_state(ref: Any, stats: dict) -> Any:
+    """What of an image reference decides the sample's bytes: each candidate file's state (a later candidate is
+    used when an earlier one is missing), a tar slice's file state and range, or a hash of in-memory bytes. Not the
+    path strings: the same raw files under another root still match."""
+    if isinstance(ref, bytes):
+        return hashlib.sha1(ref).hexdigest()
+    if isinstance(ref, dict):
+        return [_file_state(ref["file"], stats), ref.get("offset"), ref.get("size")]
+    return [_file_state(p, stats) for p in (ref if isinstance(ref, (list, tuple)) else [ref])]
+
+
 def fingerprint(records: list[dict]) -> str:
-    """What a finished shard must match to be reused: its records' keys and json (not the image paths)."""
+    """What a finished shard must match to be reused: its records' keys and json, and the state of their image
+    files on disk (see :func:`_image_state`), so that an image added, replaced or removed since is noticed."""
     h = hashlib.sha1()
+    stats: dict = {}
     for rec in records:
-        h.update(json.dumps([rec["key"], rec["json"], rec.get("ann_size")], sort_keys=True).encode())
+        images = ({name: _image_state(ref, stats) for name, ref in sorted(rec["images"].items())} if "images" in rec
+                  else _image_state(rec["image"], stats) if "image" in rec else None)
+        h.update(json.dumps([rec["key"], rec["json"], rec.get("ann_size"), images], sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 
 
+# --force of the command line (run_main / call_reporting), read by shard_done: every shard counts as not done.
+_FORCE: contextvars.ContextVar[bool] = contextvars.ContextVar("recipe_force", default=False)
+
+
+@contextlib.contextmanager
+def forcing(force: bool = True):
+    """Within it, :func:`shard_done` reports no shard as finished: every shard of the run is rewritten."""
+    token = _FORCE.set(bool(force))
+    try:
+        yield
+    finally:
+        _FORCE.reset(token)
+
+
 def shard_done(path: Path, records: list[dict], fp: str) -> dict | None:
-    """The sidecar of a finished shard of exactly these records, else None."""
+    """The sidecar of a finished shard of exactly these records, else None (always None under ``--force``)."""
+    if _FORCE.get():
+        return None
     side = sidecar_path(path)
     if not (path.exists() and side.exists()):
         return None
@@ -405,7 +455,7 @@ def set_index_tokenizer(split_dir: str | Path, tokenizer: str | None) -> dict:
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
-_COMMON = {"root", "out", "split", "shard_size", "workers", "no_progress"}
+_COMMON = {"root", "out", "split", "shard_size", "workers", "no_progress", "force"}
 
 
 def positive_int(s: str) -> int:
@@ -426,14 +476,27 @@ def parser(name: str, description: str, root_help: str, split_help: str) -> argp
     p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N", help="samples per shard (1000)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="K", help="processes writing shards (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_force_arg(p)
     return p
 
 
-def call_reporting(p: argparse.ArgumentParser, fn: Callable[..., Any], *args, **kwargs) -> int:
-    """Run a recipe's build from its command line: a ``RecipeError`` becomes one line on stderr and exit status 2."""
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="rewrite every shard, even those a previous run finished from the same raw files")
+
+
+def call_reporting(p: argparse.ArgumentParser, fn: Callable[..., Any], *args, force: bool = False, **kwargs) -> int:
+    """Run a recipe's build from its command line (``force``: its ``--force``, see :func:`forcing`): a
+    ``RecipeError`` becomes one line on stderr and exit status 2 (its traceback under ``vlp --debug`` /
+    ``VLP_DEBUG=1``)."""
+    from vlp.errors import debug_enabled
+
     try:
-        fn(*args, **kwargs)
+        with forcing(force):
+            fn(*args, **kwargs)
     except RecipeError as e:
+        if debug_enabled():
+            raise
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -443,4 +506,4 @@ def run_main(build: Callable[..., dict], p: argparse.ArgumentParser, argv: list[
     args = p.parse_args(argv)
     extra = {k: v for k, v in vars(args).items() if k not in _COMMON}
     return call_reporting(p, build, args.root, args.out, split=args.split, shard_size=args.shard_size,
-                          workers=args.workers, progress=not args.no_progress, **extra)
+                          workers=args.workers, progress=not args.no_progress, force=args.force, **extra)

@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=C.positive_int, default=1000, metavar="N", help="samples per shard (1000)")
     p.add_argument("--vocab-size", type=C.positive_int, default=400, metavar="V", help="WordPiece vocabulary (400)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    C.add_force_arg(p)
     args = p.parse_args(argv)
     return C.call_reporting(p, build_shapes, args.root, args.out, args.workers, shard_size=args.shard_size,
-                            vocab_size=args.vocab_size, progress=not args.no_progress)
+                            vocab_size=args.vocab_size, progress=not args.no_progress, force=args.force)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,20 @@
 
 Subcommands register themselves in ``COMMANDS``: a function adding its arguments and a function running it. Heavy
 imports (torch, lightning) happen inside the runners, so ``vlp --help`` is instant.
+
+An error a user can fix (config, data, checkpoint, trainer settings, recipe input, stall, non-finite loss) is one
+``error: ...`` line on stderr and a non-zero exit status (``vlp.errors.user_error``); ``vlp --debug COMMAND`` shows
+its full traceback instead. Ctrl-C during training says at which step the run stopped and that the same command
+resumes it, and exits with 130 (128 + SIGINT, what a shell reports for a process ended by Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
-
-from vlp.config import ConfigError
-from vlp.utils.checkpoint import CheckpointError
-from vlp.utils.nonfinite import NonFiniteError
-from vlp.utils.stalls import StallError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -161,8 +162,20 @@ COMMANDS["compare"] = (
 )
 
 
+# -- vlp report (vlp/report.py) --------------------------------------------------------------------------------------
+from vlp import report as _report  # noqa: E402  (light: argparse, re, pathlib only)
+
+COMMANDS["report"] = (
+    "rewrite README's results table from the runs' results.json (vlp report [RUN_DIR...] [--readme FILE])",
+    _report.add_args,
+    _report.run,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="Vision-language pre-training experiments.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show an error's full traceback instead of its one-line message (same as VLP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -177,24 +190,50 @@ _BENIGN_WARNINGS = (
     r".*You passed in a `val_dataloader` but have no `validation_step`.*",
 )
 
+INTERRUPTED = 130  # 128 + SIGINT
+
 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    from vlp.errors import DEBUG_ENV
+
     for pattern in _BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     args = build_parser().parse_args(argv)
+    before = os.environ.get(DEBUG_ENV)
+    if args.debug:  # in the environment, so that DDP ranks and recipe workers started by this run see it too
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        return _run_reporting_errors(args)
+    finally:  # an in-process caller (tests, notebooks) gets its environment back
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
+
+
+def _run_reporting_errors(args) -> int:
+    from vlp.errors import debug_enabled, user_error
+    from vlp.utils.interrupt import RunInterrupted
+
     try:
         return COMMANDS[args.command][2](args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:  # one line naming the file and what was expected; never a torch traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:  # one line naming the step and the loss terms (trainer.nonfinite=stop)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except StallError as e:  # one line naming the rank and what it waited for (vlp.utils.stalls)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
+    except RunInterrupted as e:  # at which step, and from which checkpoint the same command resumes
+        if debug_enabled():
+            raise
+        if e.rank == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except KeyboardInterrupt:  # outside training (start-up, evaluation, a recipe): nothing to resume
+        if debug_enabled():
+            raise
+        print(f"stopped by Ctrl-C (vlp {args.command})", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except Exception as e:
+        found = None if debug_enabled() else user_error(e)
+        if found is None:  # a bug, or --debug: the traceback
+            raise
+        line, status = found
+        print(line, file=sys.stderr, flush=True)
+        return status

@@ -13,9 +13,9 @@ TR/IR@1/5/10    ``results.json`` ``retrieval.txt_r*`` / ``img_r*`` (percent); ru
                 ``[A]``, ``[B]``, ... with a footnote each, and a warning says their R@K are not comparable
 VQA             ``results.json`` ``vqa.score``; different ``vqa.split`` / question counts are marked ``[V1]``, ...
 Steps           ``results.json`` ``step`` (the step evaluated), else the last step in metrics.csv + 1
-Wall            the training wall time where the run recorded it (``results.json`` ``train.wall_seconds``), else "—":
-                no file of a run says how long it trained (file times do not survive a copy and count the pauses
-                between resumes, so they are not used)
+Wall            the training wall time, ``results.json`` ``train.wall_seconds`` (``vlp pretrain`` / ``finetune`` record
+                it, summed over a run's resumed segments), else "—" for older runs: file times are not used (they do
+                not survive a copy and count the pauses between resumes)
 Params          parameters the optimizer updates: the AdamW state (``exp_avg``) in ``checkpoints/last.ckpt``, read with
                 the suite's safe reader (EMA twins, queues and frozen weights have none); ``results.json``
                 ``train.parameters`` when recorded
@@ -415,8 +415,9 @@ def _footnotes(runs: list[Run], marks: list[str], vmarks: list[str]) -> list[str
     if len(common) == 1 and not any(marks):
         out.append(f"- Every run with R@K: {_describe_retrieval(next(iter(common)))}.")
     out.append("- TR: image → text, IR: text → image (R@K, %). Params: parameters the optimizer updates (EMA twins, "
-               "queues, frozen weights excluded). Samples/s: harmonic mean of metrics.csv train/samples_per_s. "
-               f"Wall: training wall time where the run recorded it, else {DASH}.")
+               "queues, frozen weights excluded). Samples/s: harmonic mean of metrics.csv train/samples_per_s, "
+               "else results.json's whole-run rate. Wall: training wall time summed over resumed segments "
+               f"(results.json train.wall_seconds), else {DASH}.")
     out += [f"- {r.name}: {note}" for r in runs for note in r.notes]
     return out
 

@@ -92,8 +92,15 @@ class TrainerConfig:
     # Seconds for all ranks to start and join the process group (its rendezvous); null: collective_timeout_s.
     rendezvous_timeout_s: Optional[float] = None
     slurm_requeue: bool = True  # in a SLURM batch job, on SIGUSR1: save the step, requeue, exit (slurm/README.md)
+    # Where metrics go: csv (<run>/metrics.csv, always: resume, loss.png and vlp compare read it) and optionally
+    # tensorboard (<run>/tensorboard/; needs the tensorboard package).
+    logger: list[str] = field(default_factory=lambda: ["csv"])
 
     def __post_init__(self):
+        unknown = [name for name in self.logger if name not in ("csv", "tensorboard")]
+        if unknown or "csv" not in self.logger:
+            raise ValueError(f"trainer.logger must list csv and optionally tensorboard, got {self.logger!r} "
+                             "(metrics.csv is what resume, loss.png and vlp compare read)")
         for name in ("collective_timeout_s", "rendezvous_timeout_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

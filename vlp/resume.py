@@ -49,7 +49,7 @@ RESUME_SAFE = (
     "trainer.gradient_checkpointing", "trainer.compile", "trainer.deterministic",
     # what is written and shown, fault policy
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.checkpoint_every_n_steps",
-    "trainer.nonfinite", "trainer.slurm_requeue", "trainer.throughput",
+    "trainer.nonfinite", "trainer.slurm_requeue", "trainer.throughput", "trainer.logger",
     # validation and evaluation
     "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.num_sanity_val_steps", "eval.",
     "data.val", "data.test", "data.eval_batch_size", "data.eval_max_text_len",

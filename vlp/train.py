@@ -152,9 +152,90 @@ def _csv_logger(run_dir: Path):
     return ContinuingCSVLogger(save_dir=str(run_dir), name="", version="")
 
 
+def _tensorboard_logger(run_dir: Path):
+    """Lightning's TensorBoardLogger writing ``<run>/tensorboard/`` (``trainer.logger: [csv, tensorboard]``)."""
+    import importlib.util
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        raise config_lib.ConfigError("trainer.logger lists tensorboard, but neither the tensorboard nor the "
+                                     "tensorboardX package is installed; pip install tensorboard, or set "
+                                     "trainer.logger=[csv]")
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+
+
+class TrainingClock(L.Callback):
+    """Training wall time summed over a run's segments: each checkpoint carries the seconds trained up to it, so a
+    resumed run goes on counting instead of starting from zero (time after the newest checkpoint of a killed
+    segment is not counted: those steps are trained again, and counted, by the resumed run)."""
+
+    def __init__(self):
+        self.before = 0.0  # seconds of the earlier segments (from the checkpoint resumed)
+        self._start: float | None = None
+        self._stop: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self._start is None:
+            return self.before
+        import time
+
+        return self.before + ((self._stop if self._stop is not None else time.monotonic()) - self._start)
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+
+        self._start, self._stop = time.monotonic(), None
+
+    def on_train_end(self, trainer, pl_module):
+        import time
+
+        self._stop = time.monotonic()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
+
+
+def _run_progress_bar():
+    """Lightning's tqdm bar over the whole run (optimizer steps of ``module.total_steps``, from the resumed step)
+    instead of one bar per epoch, so that its ETA is the run's."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+
+    class RunProgressBar(TQDMProgressBar):
+        def on_train_start(self, *args):
+            super().on_train_start(*args)
+            self._sized = False
+
+        def on_train_epoch_start(self, trainer, *_):
+            if not self._sized:  # once per process: the bar spans the epochs, from the step resumed
+                self._sized = True
+                self.train_progress_bar.reset(total=getattr(trainer.lightning_module, "total_steps", None))
+                self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_description(f"train (epoch {trainer.current_epoch})")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if self._should_update(step, self.train_progress_bar.total or 0):
+                _update_n(self.train_progress_bar, step)
+                self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if not self.train_progress_bar.disable:
+                self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    return RunProgressBar()
+
+
 def _strategy(t):
     """``trainer.strategy``, built with the process group's timeout when it names a registered strategy that takes
-    one (the DDP family, FSDP, DeepSpeed); other names go to Lightning unchanged. The group is created with
+    one (the DDP family, FSDP, DeepSpeed); other names go to Lightning unchanged. ``fsdp2`` is vlp's: FSDP2 over
+    every rank through Lightning's ModelParallelStrategy, the model sharding itself in ``configure_model``
+    (``vlp.utils.fsdp``; on CPU too, where Lightning's ``fsdp`` refuses). The group is created with
     ``trainer.rendezvous_timeout_s`` (all ranks must start and join within it); a callback then sets
     ``trainer.collective_timeout_s`` for every collective after it (``vlp.utils.stalls.trainer_callbacks``)."""
     import inspect
@@ -162,6 +243,10 @@ def _strategy(t):
 
     from lightning.pytorch.strategies import StrategyRegistry
 
+    from vlp.utils import fsdp
+
+    if t.strategy == fsdp.STRATEGY:
+        return fsdp.fsdp2_strategy(_rendezvous_s(t))
     if not isinstance(t.strategy, str) or t.strategy not in StrategyRegistry:
         return t.strategy
     entry = StrategyRegistry[t.strategy]
@@ -197,8 +282,10 @@ def _trainer(cfg: ExperimentConfig, run_dir: Path, callbacks: list) -> L.Trainer
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=str(run_dir),
-        logger=_csv_logger(run_dir),
-        callbacks=[*callbacks, *trainer_callbacks(t.collective_timeout_s)],
+        # CSV first: trainer.logger (the first) is what FlushMetricsOnCheckpoint saves
+        logger=[_csv_logger(run_dir), *([_tensorboard_logger(run_dir)] if "tensorboard" in t.logger else [])],
+        callbacks=[*callbacks, *trainer_callbacks(t.collective_timeout_s), TrainingClock(),
+                   *([_run_progress_bar()] if t.enable_progress_bar else [])],
         plugins=cluster_plugins(),  # under SLURM: its environment, requeue by vlp.utils.slurm.SlurmRequeue
     )
     from lightning.pytorch.strategies import DDPStrategy
@@ -310,8 +397,9 @@ def start_run(cfg: ExperimentConfig):
 def run_callbacks(cfg: ExperimentConfig) -> list:
     """Periodic checkpoints + ``last.ckpt`` in ``<run>/checkpoints`` (and the final step in both, whatever the
     cadence), metrics.csv flushed with each of them and holding each step's own values
-    (``vlp.utils.step_metrics``); the per-step seeding of every random draw (``vlp.utils.rng.StepSeeding``) and the
-    non-finite loss policy (``vlp.utils.nonfinite_guard.NonFiniteGuard``)."""
+    (``vlp.utils.step_metrics``); the per-step seeding of every random draw (``vlp.utils.rng.StepSeeding``), the
+    non-finite loss policy (``vlp.utils.nonfinite_guard.NonFiniteGuard``) and the console summary of skipped corrupt
+    samples (``vlp.data.stream.corrupt_summary_callback``)."""
     from vlp.resume import RunCheckpoint
     from vlp.utils.nonfinite_guard import NonFiniteGuard
     from vlp.utils.rng import StepSeeding
@@ -323,6 +411,9 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
     )
     callbacks = [StepSeeding(cfg.seed), FreshStepMetrics(), NonFiniteGuard(cfg.trainer.nonfinite), ckpt,
                  FlushMetricsOnCheckpoint()]
+    from vlp.data.stream import corrupt_summary_callback  # skipped samples by reason, at each epoch's end
+
+    callbacks.append(corrupt_summary_callback())
     from vlp.utils.slurm import requeue_callbacks  # SLURM pre-emption: save the step, requeue, exit
 
     callbacks += requeue_callbacks(cfg.trainer.slurm_requeue, ckpt)
@@ -363,7 +454,10 @@ def bind_schedule(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.T
 
 def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm, resume) -> None:
     """``trainer.fit`` (from ``resume``, a ``vlp.resume.Resume``, when given: metrics.csv trimmed to its step), then
-    the loss plot."""
+    the loss plot. Ctrl-C ends it in ``vlp.utils.interrupt.RunInterrupted`` (the step reached and the newest
+    checkpoint), before any evaluation."""
+    from vlp.utils.interrupt import RunInterrupted, is_ctrl_c, newest_checkpoint_step
+
     if resume is not None:
         # The run directory's file was read by the safe reader when it was chosen (vlp.resume.select_checkpoint), so
         # a damaged or code-carrying checkpoint never reaches Lightning (which reads it with weights_only=True too).
@@ -371,8 +465,14 @@ def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm
             restore_metrics(cfg.run_dir / "metrics.csv", resume.as_checkpoint())
         print(f"resuming from {resume.path}")
     fit_module = torch.compile(module) if cfg.trainer.compile else module
-    _fit_or_stall(cfg, trainer, fit_module, datamodule=dm, ckpt_path=str(resume.path) if resume else None,
-                  weights_only=True)
+    try:
+        _fit_or_stall(cfg, trainer, fit_module, datamodule=dm, ckpt_path=str(resume.path) if resume else None,
+                      weights_only=True)
+    except BaseException as e:
+        if not is_ctrl_c(e) or isinstance(e, RunInterrupted):
+            raise
+        saved = newest_checkpoint_step(cfg.run_dir) if trainer.is_global_zero else None  # only rank 0 says it
+        raise RunInterrupted(trainer.global_step, saved, trainer.global_rank) from None
     if trainer.is_global_zero:
         from vlp.plots import plot_losses
 
@@ -406,6 +506,33 @@ def _evaluated(run_dir: Path, step: int, section: str) -> bool:
     return bool(results) and section in results and results.get("step") == step
 
 
+def _record_training(cfg: ExperimentConfig, trainer: L.Trainer, module: L.LightningModule) -> None:
+    """``results.json`` ``train`` (wall time over all segments, steps, trainable parameters, samples/s) and
+    ``command``, written by global rank 0 after training and before any evaluation."""
+    from vlp.eval.results import run_command, training_record, write_results
+
+    if not trainer.is_global_zero:
+        return
+    clock = next(cb for cb in trainer.callbacks if isinstance(cb, TrainingClock))
+    per_step = getattr(cfg.data, "batch_size", 0) * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    update: dict = {"train": training_record(clock.seconds, trainer.global_step, trainable, per_step)}
+    command = run_command()
+    if command is not None:
+        update["command"] = command
+    write_results(cfg.run_dir, update)
+
+
+def _print_summary(cfg: ExperimentConfig) -> None:
+    """The short block at the end of ``vlp pretrain`` / ``vlp finetune`` (global rank 0)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from vlp.eval.results import run_summary
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(run_summary(cfg.run_dir, cfg.name), flush=True)
+
+
 def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     cfg, dm = resolve(cfg)
     resume = start_run(cfg)
@@ -418,6 +545,7 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
             model = build_model(cfg)
             model.load_state_dict(read_checkpoint(resume.path, expect=RESUMABLE)["state_dict"])
             evaluate_retrieval_run(cfg, model.eval(), dm, None, step=resume.global_step)
+        _print_summary(cfg)
         return cfg.run_dir
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
@@ -426,10 +554,12 @@ def pretrain(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     trainer = _trainer(cfg, cfg.run_dir, run_callbacks(cfg))
     bind_schedule(cfg, model, trainer, dm)
     fit(cfg, model, trainer, dm, resume)
+    _record_training(cfg, trainer, model)
     if evaluate_after and getattr(cfg.data, cfg.eval.split, None):
         from vlp.eval.run import evaluate_retrieval_run
 
         evaluate_retrieval_run(cfg, model, dm, trainer)
+    _print_summary(cfg)
     return cfg.run_dir
 
 
@@ -444,6 +574,7 @@ def finetune(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     cfg = task_lib.prepare(cfg, dm)
     resume = start_run(cfg)
     if _finished(cfg, resume):
+        _print_summary(cfg)
         return cfg.run_dir
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = task_lib.build(cfg, dm, init=resume is None)
@@ -452,8 +583,10 @@ def finetune(cfg: ExperimentConfig, evaluate_after: bool = True) -> Path:
     trainer = _trainer(cfg, cfg.run_dir, run_callbacks(cfg))
     bind_schedule(cfg, task, trainer, dm)
     fit(cfg, task, trainer, dm, resume)
+    _record_training(cfg, trainer, task)
     if evaluate_after:
         task_lib.evaluate_run(cfg, task, dm, trainer)
+    _print_summary(cfg)
     return cfg.run_dir
 
 

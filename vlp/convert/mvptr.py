@@ -11,7 +11,7 @@ official                              vlp ``MVPTR``                          not
 ``bert.{txt,vis,mul}_encoder.*``      ``{txt,vis,mul}_encoder.*``            HF ``BertLayer`` names
 ``bert.pooler.*``                     ``pooler.*``
 ``bert.txt_proj`` / ``bert.vis_proj`` ``txt_proj`` / ``vis_proj``            [H, E], used as ``x @ P``
-``logit_scale``                       ``logit_scale``                        raw (used as ``exp``)
+``logit_scale``                       ``logit_scale`` ([1])                  raw (used as ``exp``)
 ``cls.predictions.*``                 ``mlm_head.*``                         decoder tied to the word rows
 ``half_mlm.*``                        ``mcr_head.*``                         decoder tied to the word rows
 ``cls.seq_relationship.*``            ``itm_head.*``                         rows swapped for a pre-training file
@@ -84,6 +84,8 @@ def convert_state_dict(official: dict[str, torch.Tensor], itm_match_index: int =
         for name in ("itm_head.weight", "itm_head.bias"):
             if name in out:
                 out[name] = out[name].flip(0).clone()
+    if "logit_scale" in out:  # 0-d officially; ours is [1] (FSDP2 cannot shard a 0-d parameter)
+        out["logit_scale"] = out["logit_scale"].reshape(1)
     return out
 
 

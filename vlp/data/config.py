@@ -13,7 +13,8 @@ from vlp.config import register
 from vlp.data.text import CAPTION_PREPROCESS
 from vlp.data.transforms import RESIZES
 
-TASKS = ("pretrain", "vqa")
+TASKS = ("pretrain", "vqa", "retrieval")
+CAPTION_TASKS = ("pretrain", "retrieval")  # a sample is an image and one of its captions
 
 
 @dataclass
@@ -73,8 +74,9 @@ class ShardsDataConfig:
     phrases: bool = False
     max_phrases: int = 5  # phrase slots beyond max_text_len (official max_phrases)
     phrase_vocab: Optional[str] = None  # phrase_vocab.json; None: the one beside the tokenizer
-    # What a sample is: "pretrain" (an image and one of its captions, MLM-masked) or "vqa" (an image and one of its
-    # questions with soft answer targets; see vlp.data.collate). Evaluation splits of a vqa config yield every question.
+    # What a sample is: "pretrain" (an image and one of its captions, MLM-masked), "retrieval" (the same pairs, nothing
+    # masked) or "vqa" (an image and one of its questions with soft answer targets; see vlp.data.collate). Evaluation
+    # splits of a vqa config yield every question.
     task: str = "pretrain"
     answers: Optional[str] = None  # vqa: answer vocabulary (JSON list, index = label); None: from the index.json meta
 

@@ -38,13 +38,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.data.collate import Collator, SampleProcessor
-from vlp.data.config import ShardsDataConfig
+from vlp.data.config import CAPTION_TASKS, ShardsDataConfig
 from vlp.data.masking import MaskingConfig
 from vlp.data.shards import ShardFormatError, read_index
 from vlp.data.stream import ShardEvalStream, ShardStream, Source
 from vlp.data.text import TextTokenizer
 from vlp.data.tokenizer import load_tokenizer
 from vlp.data.transforms import build_transform
+from vlp.errors import DataError
 from vlp.utils.stalls import WorkerInit, loader_stall, stall_requested, worker_context
 
 RETRIEVAL_TENSOR_BUDGET = 2 << 30  # bytes: above this, retrieval batches are re-read lazily instead of kept
@@ -56,10 +57,10 @@ def resolve_tokenizer(cfg: ShardsDataConfig) -> str:
         return cfg.tokenizer
     first = cfg.train[0].path if cfg.train else (cfg.val or cfg.test)
     if not first:
-        raise ValueError("data.tokenizer is not set and there is no shard directory to take it from")
+        raise DataError("data.tokenizer is not set and there is no shard directory to take it from")
     name = read_index(first, check_files=False).get("tokenizer")
     if not name:
-        raise ValueError(f"data.tokenizer is not set and {Path(first) / 'index.json'} names no tokenizer; "
+        raise DataError(f"data.tokenizer is not set and {Path(first) / 'index.json'} names no tokenizer; "
                          "set data.tokenizer to a Hugging Face name or a saved tokenizer directory")
     path = Path(name)
     return str(path if path.is_absolute() else Path(first) / path)
@@ -74,7 +75,7 @@ def resolve_phrase_vocab(cfg: ShardsDataConfig) -> Path:
         return Path(cfg.phrase_vocab)
     tok = Path(resolve_tokenizer(cfg))
     if not tok.is_dir():
-        raise ValueError(f"data.phrase_vocab is not set and the tokenizer {tok} is not a local directory to find "
+        raise DataError(f"data.phrase_vocab is not set and the tokenizer {tok} is not a local directory to find "
                          f"{PHRASE_VOCAB_FILE} in; set data.phrase_vocab")
     return tok / PHRASE_VOCAB_FILE
 
@@ -90,21 +91,21 @@ def resolve_answers(cfg: ShardsDataConfig) -> list[str]:
     else:
         first = cfg.train[0].path if cfg.train else (cfg.val or cfg.test)
         if not first:
-            raise ValueError("data.answers is not set and there is no shard directory to take it from")
+            raise DataError("data.answers is not set and there is no shard directory to take it from")
         meta = read_index(first, check_files=False).get("meta") or {}
         if isinstance(meta.get("answers"), list):
             return [str(a) for a in meta["answers"]]
         if not meta.get("answers_file"):
-            raise ValueError(f"data.answers is not set and {Path(first) / 'index.json'} names no answer vocabulary "
+            raise DataError(f"data.answers is not set and {Path(first) / 'index.json'} names no answer vocabulary "
                              "(meta.answers / meta.answers_file); is it a VQA shard directory (data_recipes/vqa.py)?")
         path = Path(meta["answers_file"])
         path = path if path.is_absolute() else Path(first) / path
     try:
         answers = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the answer vocabulary {path}: {e}") from None
+        raise DataError(f"cannot read the answer vocabulary {path}: {e}") from None
     if not isinstance(answers, list) or not answers:
-        raise ValueError(f"{path}: expected a non-empty JSON list of answers (index = label)")
+        raise DataError(f"{path}: expected a non-empty JSON list of answers (index = label)")
     return [str(a) for a in answers]
 
 
@@ -116,7 +117,7 @@ def share_weights(sources: list[Source], shares: list[Optional[float]]) -> list[
     if all(x is None for x in shares):
         return sources
     if any(x is None for x in shares) or any(x <= 0 for x in shares):
-        raise ValueError(f"data.train: shares {shares}: give every source a share > 0, or none (weights apply)")
+        raise DataError(f"data.train: shares {shares}: give every source a share > 0, or none (weights apply)")
     total, norm = sum(s.num_samples for s in sources), sum(shares)
     return [dataclasses.replace(s, weight=x / norm * total / max(1, s.num_samples)) for s, x in zip(sources, shares)]
 
@@ -315,7 +316,8 @@ class ShardDataModule(L.LightningDataModule):
     """Streams WebDataset shards for training (exactly resumable), validation and test, and retrieval evaluation.
 
     ``rank``/``world_size`` default to the trainer's (or torch.distributed's); pass them to simulate ranks.
-    ``masking``: the model's MLM rule (``model.masking``; None: ``MaskingConfig()``).
+    ``masking``: the model's MLM rule (``model.masking``; None: ``MaskingConfig()``); ``data.task: retrieval``
+    masks nothing (its pairs are the clean captions; the collator's ``mlm_*`` keys then copy ``input_ids``).
     """
 
     def __init__(self, cfg: ShardsDataConfig, *, tokenizer=None, rank: Optional[int] = None,
@@ -323,6 +325,8 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.masking = masking if masking is not None else MaskingConfig()
+        if cfg.task == "retrieval":
+            self.masking = MaskingConfig(probability=0.0)
         self._tokenizer = tokenizer
         self._rank, self._world_size = rank, world_size
         self.train_stream: Optional[ShardStream] = None
@@ -351,7 +355,7 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def reads_phrases(self) -> bool:
         """Captions get phrase tokens: ``data.phrases`` on caption data (VQA questions have none)."""
-        return self.cfg.phrases and self.cfg.task == "pretrain"
+        return self.cfg.phrases and self.cfg.task in CAPTION_TASKS
 
     def concept_rows(self, max_text_len: int):
         """``(TagRows | None, PhraseRows | None)`` for ``data.tags`` / ``data.phrases``."""
@@ -397,12 +401,13 @@ class ShardDataModule(L.LightningDataModule):
 
     def processor(self, train: bool) -> SampleProcessor:
         """Training: one caption (one question with ``task: vqa``) per visit of an image; evaluation: the first
-        caption (every question)."""
+        caption (every question). Retrieval samples are pre-training samples (an image and a caption)."""
         c = self.cfg
+        sample = "vqa" if c.task == "vqa" else "pretrain"
         return SampleProcessor(build_transform(c, train=train), seed=c.seed, caption=c.caption if train else "first",
                                hflip=c.hflip and train, two_views=c.two_views and train, regions=c.regions,
                                images=c.images, first_caption_prob=c.first_caption_prob if train else 0.0,
-                               task=c.task, num_answers=self.num_answers, all_questions=not train,
+                               task=sample, num_answers=self.num_answers, all_questions=not train,
                                phrases=self.reads_phrases)
 
     def text_tokenizer(self, train: bool = True) -> TextTokenizer:
@@ -462,7 +467,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if not self.cfg.train:
-            raise ValueError("data.train is empty: no training sources")
+            raise DataError("data.train is empty: no training sources")
         if self.train_stream is None:
             self.train_stream = self.build_train_stream()
         k = self.cfg.num_workers
@@ -494,7 +499,7 @@ class ShardDataModule(L.LightningDataModule):
     def _split_dir(self, split: str, what: str = "") -> str:
         shard_dir = {"val": self.cfg.val, "test": self.cfg.test}.get(split)
         if shard_dir is None:
-            raise ValueError(f"{what}data.{split} is not set" if split in ("val", "test")
+            raise DataError(f"{what}data.{split} is not set" if split in ("val", "test")
                              else f"{what}split must be 'val' or 'test', got {split!r}")
         return shard_dir
 
@@ -580,9 +585,9 @@ class ShardDataModule(L.LightningDataModule):
         about and left out of everything.
         """
         shard_dir = self._split_dir(split, f"retrieval_data({split!r}): ")
-        if self.cfg.task != "pretrain":
-            raise ValueError(f"retrieval_data({split!r}): data.task={self.cfg.task!r}; retrieval reads caption "
-                             "shards (data.task=pretrain)")
+        if self.cfg.task not in CAPTION_TASKS:
+            raise DataError(f"retrieval_data({split!r}): data.task={self.cfg.task!r}; retrieval reads caption "
+                             f"shards (data.task one of {', '.join(CAPTION_TASKS)})")
         source = self._source(shard_dir)
         collate = self.collator(text=False, all_captions=True)
 
@@ -613,7 +618,7 @@ class ShardDataModule(L.LightningDataModule):
             warnings.warn(f"retrieval_data({split!r}): {corrupt} corrupt sample(s) of {shard_dir} left out",
                           stacklevel=2)
         if not keys:
-            raise ValueError(f"retrieval_data({split!r}): no readable samples in {shard_dir}")
+            raise DataError(f"retrieval_data({split!r}): no readable samples in {shard_dir}")
         return RetrievalData(RetrievalVisuals(loader, keys, kept, corrupt), texts, txt2img, img2txt, keys, image_ids,
                              phrases)
 
@@ -623,7 +628,7 @@ class ShardDataModule(L.LightningDataModule):
         ``data.phrases`` each text's phrase tokens follow its words (``phrases``: one list of tuples per text;
         None: no phrases) and ``phrase_mask`` is added."""
         if not texts:
-            raise ValueError("encode_texts: no texts")
+            raise DataError("encode_texts: no texts")
         tok = self.text_tokenizer(train=False)
         tokens = tok(texts)
         out = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
@@ -631,7 +636,7 @@ class ShardDataModule(L.LightningDataModule):
             if phrases is None:
                 phrases = [[] for _ in texts]
             if len(phrases) != len(texts):
-                raise ValueError(f"encode_texts: {len(phrases)} phrase lists for {len(texts)} texts")
+                raise DataError(f"encode_texts: {len(phrases)} phrase lists for {len(texts)} texts")
             _, rows = self.concept_rows(tok.max_len)
             out = rows(out, phrases)
         return out

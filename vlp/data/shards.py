@@ -21,13 +21,14 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from vlp.errors import DataError
 from vlp.utils.io import atomic_open, atomic_write_text
 
 FORMAT = "vlp-shards/1"
 INDEX = "index.json"
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(DataError):
     """A shard directory or index that is not what the reader expects; the message names file and field."""
 
 
@@ -86,7 +87,9 @@ def read_index(shard_dir: str | Path, *, check_files: bool = True) -> dict:
     """Load and validate ``<shard_dir>/index.json``; errors name the file and the field that is wrong."""
     path = Path(shard_dir) / INDEX
     if not path.exists():
-        raise ShardFormatError(f"{path}: not found; expected a shard directory written by a data_recipes recipe")
+        where = "" if Path(shard_dir).is_dir() else f" (no directory {shard_dir})"
+        raise ShardFormatError(f"{path}: not found{where}; expected a shard directory written by a data_recipes "
+                               "recipe")
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -15,7 +15,10 @@ Training stream (``ShardStream``), per epoch:
    ``i % num_workers`` (torch's DataLoader round-robins over workers).
 4. A corrupt sample (unreadable tar member, truncated tar, undecodable image, missing field) is counted and replaced
    by the item at the same offset of a later cycle of the same slot, which is a pure function of its position; so a
-   batch's content never depends on what happened earlier, and resuming needs no per-worker state.
+   batch's content never depends on what happened earlier, and resuming needs no per-worker state. Each batch
+   carries what its worker read and skipped, per source and reason (``sample_counts``), so the main process can sum
+   them over workers (and ranks) and say what was skipped at the end of an epoch and of the run
+   (:class:`CorruptTally`, :func:`corrupt_summary_callback`).
 
 Resume: the position is the number of batches the training loop consumed in the epoch, ``p``. Worker ``w`` of the
 new loader plays logical worker ``(w + p) % K``, so the round-robin continues where it stopped; each logical worker
@@ -48,6 +51,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.data.shards import ShardFormatError, read_index, shard_paths
+from vlp.errors import DataError
 
 # Tags that keep the seeded random streams apart.
 _TAG_SHARDS, _TAG_SAMPLES, _TAG_MIX, _TAG_DRAWS, _TAG_DRAW_SAMPLES = 1, 2, 3, 4, 5
@@ -65,19 +69,55 @@ def _rng(*parts: int) -> np.random.Generator:
 
 
 class CorruptSample(Exception):
-    """One sample cannot be used (missing field, unreadable member, ...); it is counted and skipped."""
+    """One sample cannot be used (missing field, unreadable member, ...); it is counted and skipped, under
+    ``reason`` (one of :data:`CORRUPT_REASONS`; None: told from the message, see :func:`corrupt_reason`)."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason
 
 
-class CorruptDataError(RuntimeError):
-    """Too many corrupt samples: the run stops. The message names the shard."""
+class CorruptDataError(DataError, RuntimeError):
+    """Too many corrupt samples: the run stops. The message names the shard. (A ``RuntimeError`` as it always was,
+    and a ``DataError``: ``vlp`` prints it as one line.)"""
+
+
+# Why a sample was skipped, as the end-of-epoch summary counts it.
+CORRUPT_REASONS = ("unreadable", "missing_member", "bad_image", "bad_json", "bad_regions", "other")
+_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+
+
+def corrupt_reason(exn: BaseException) -> str:
+    """The :data:`CORRUPT_REASONS` entry of a corrupt sample's error: the reason it was raised with, else the member
+    that failed to decode (webdataset's ``DecodingError`` names it), else what its message is about."""
+    reason = getattr(exn, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    member = getattr(exn, "k", None) if type(exn).__name__ == "DecodingError" else None
+    if isinstance(member, str):
+        ext = member.lower().rsplit(".", 1)[-1]  # "regions.npz" -> "npz"
+        return ("bad_image" if ext in _IMAGE_MEMBERS else "bad_json" if ext == "json"
+                else "bad_regions" if ext == "npz" else "other")
+    text = str(exn)
+    if re.search(r"has no .*member", text):
+        return "missing_member"
+    if "regions.npz" in text:
+        return "bad_regions"
+    if "json field" in text or "question" in text:
+        return "bad_json"
+    if isinstance(exn, (OSError, SyntaxError)) and "image" in text.lower():  # PIL on a bad image
+        return "bad_image"
+    return "other"
 
 
 class CorruptCounter:
     """A counting error handler in webdataset's convention (``handler(exn) -> True``: skip the sample, go on).
 
     Unlike ``webdataset.warn_and_continue`` it does not sleep; it counts errors per shard and raises
-    ``CorruptDataError`` once more than ``max_ratio`` of at least ``min_samples`` seen samples were corrupt.
-    ``seen`` is counted by whoever reads the samples (``count_seen``).
+    ``CorruptDataError`` once more than ``max_ratio`` of at least ``min_samples`` seen samples were corrupt: the
+    minimum keeps a few bad samples at the very start (one corrupt sample of the first three is 33 %) from stopping
+    a run whose data are fine overall. ``seen`` is counted by whoever reads the samples (``count_seen``).
+    ``counts`` holds ``(source, "read")`` and ``(source, reason)`` for the summaries (:class:`CorruptTally`).
     """
 
     def __init__(self, max_ratio: Optional[float] = 0.01, min_samples: int = 100, where: str = ""):
@@ -85,18 +125,22 @@ class CorruptCounter:
         self.seen = 0
         self.corrupt = 0
         self.by_shard: Counter = Counter()
+        self.counts: Counter = Counter()
         self.last: Optional[tuple[str, str, str]] = None
         self.current_url: Optional[str] = None  # set by the reader when it knows the shard in flight
 
-    def count_seen(self, n: int = 1) -> None:
+    def count_seen(self, n: int = 1, source: str = "?") -> None:
         self.seen += n
+        self.counts[(source, "read")] += n
 
-    def __call__(self, exn: BaseException, url: Optional[str] = None, key: Optional[str] = None) -> bool:
+    def __call__(self, exn: BaseException, url: Optional[str] = None, key: Optional[str] = None,
+                 source: str = "?") -> bool:
         url = url or getattr(exn, "url", None) or self.current_url or "?"
         key = key or getattr(exn, "key", None) or "?"
         cause = exn.__cause__ if exn.__cause__ is not None else exn
         self.corrupt += 1
         self.by_shard[url] += 1
+        self.counts[(source, corrupt_reason(exn))] += 1
         self.last = (str(url), str(key), f"{type(cause).__name__}: {cause}"[:300])
         self.check()
         return True
@@ -239,14 +283,14 @@ class ShardReader:
                                    "the shard was rewritten without updating index.json")
         if i >= len(ts.samples) or fh is None:
             why = ts.error or f"the tar holds only {len(ts.samples)} of the {expected} samples index.json lists"
-            raise CorruptSample(f"sample #{i} of {path} is unreadable ({why})")
+            raise CorruptSample(f"sample #{i} of {path} is unreadable ({why})", reason="unreadable")
         key, members = ts.samples[i]
         raw: dict = {"__key__": key, "__url__": path}
         for ext, (offset, size) in members.items():
             fh.seek(offset)
             data = fh.read(size)
             if len(data) != size:
-                raise CorruptSample(f"member {key}.{ext} of {path} is truncated")
+                raise CorruptSample(f"member {key}.{ext} of {path} is truncated", reason="unreadable")
             raw[ext] = data
         self.reads += 1
         return raw
@@ -434,7 +478,7 @@ class _SlotWalker:
             shard, member, cycle = self.locate(s, k + t * self.periods[s])
             path = src.shards[shard]
             self.counter.current_url = path
-            self.counter.count_seen()
+            self.counter.count_seen(source=ds.labels[s])
             key = None
             try:
                 raw = self.reader.read(path, member, src.sizes[shard])
@@ -444,7 +488,7 @@ class _SlotWalker:
             except (ShardFormatError, CorruptDataError):
                 raise
             except Exception as exn:  # noqa: BLE001 - any failure of one sample's data is a corrupt sample
-                self.counter(exn, url=path, key=key or f"#{member}")
+                self.counter(exn, url=path, key=key or f"#{member}", source=ds.labels[s])
         raise CorruptDataError(f"{ds.max_retries + 1} corrupt samples in a row in source {src.path} (last in {path}); "
                                f"last error: {self.counter.last}")
 
@@ -455,7 +499,8 @@ class ShardStream(IterableDataset):
     ``process(raw_sample, meta) -> sample`` decodes/transforms one sample (``meta``: epoch, cycle, source, passes:
     the cycles per epoch of that source, its weight rounded up) and
     ``collate(list_of_samples) -> dict`` builds a batch; both run inside the worker. Each yielded batch carries
-    ``n_seen``/``n_corrupt`` (samples read for it / corrupt among them) and ``stream_state`` (epoch, rank, logical
+    ``n_seen``/``n_corrupt`` (samples read for it / corrupt among them), ``sample_counts`` (the same per source
+    label and reason: ``{"coco/train": {"read": 8, "bad_image": 1}}``) and ``stream_state`` (epoch, rank, logical
     worker, ``index`` = its position in this rank's loader order).
 
     Use with ``DataLoader(stream, batch_size=None, num_workers=stream.num_workers)``. Before iterating, set
@@ -478,6 +523,7 @@ class ShardStream(IterableDataset):
         self.layout = StreamLayout(self.sources, world_size=world_size, num_workers=num_workers,
                                    batch_size=batch_size)
         self.batch_size = batch_size
+        self.labels = source_labels(self.sources)
         self.epoch = 0
         self.start_batch = 0
 
@@ -548,10 +594,11 @@ class ShardStream(IterableDataset):
         walker.seek(done * B)
         try:
             for b in range(done, lay.batches_per_worker):
-                seen0, corrupt0 = counter.seen, counter.corrupt
+                seen0, corrupt0, counts0 = counter.seen, counter.corrupt, counter.counts.copy()
                 batch = self.collate([walker.next() for _ in range(B)])
                 batch["n_seen"] = counter.seen - seen0
                 batch["n_corrupt"] = counter.corrupt - corrupt0
+                batch["sample_counts"] = nested_counts(counter.counts - counts0)
                 batch["stream_state"] = {"epoch": epoch, "rank": self.rank, "worker": worker, "batch": b,
                                          "index": b * K + worker}
                 yield batch
@@ -575,6 +622,7 @@ class ShardEvalStream(IterableDataset):
         self.num_workers = num_workers
         self.max_corrupt_ratio, self.corrupt_min_samples = max_corrupt_ratio, corrupt_min_samples
         self._cum = np.concatenate([[0], np.cumsum(source.sizes)]).tolist()
+        self.label = source_labels([source])[0]
 
     def __len__(self) -> int:
         return -(-self.source.num_samples // self.batch_size)
@@ -593,7 +641,7 @@ class ShardEvalStream(IterableDataset):
                 for g in range(b * self.batch_size, min(n, (b + 1) * self.batch_size)):
                     shard = bisect.bisect_right(self._cum, g) - 1
                     path = self.source.shards[shard]
-                    counter.count_seen()
+                    counter.count_seen(source=self.label)
                     key = None
                     try:
                         raw = reader.read(path, g - self._cum[shard], self.source.sizes[shard])
@@ -602,7 +650,7 @@ class ShardEvalStream(IterableDataset):
                     except (ShardFormatError, CorruptDataError):
                         raise
                     except Exception as exn:  # noqa: BLE001
-                        counter(exn, url=path, key=key or f"#{g - self._cum[shard]}")
+                        counter(exn, url=path, key=key or f"#{g - self._cum[shard]}", source=self.label)
                 if samples:
                     batch = self.collate(samples)
                     batch["n_seen"] = counter.seen - seen0
@@ -612,5 +660,112 @@ class ShardEvalStream(IterableDataset):
             reader.close()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# What was skipped: per source and reason, summed over batches (the workers'), ranks, epochs.
+
+
+def source_labels(sources: Sequence[Source]) -> list[str]:
+    """How the summaries name each source: ``<source>/<split>`` from its index.json (``coco/train``), or its
+    directory when two sources would get the same name."""
+    labels = [f"{s.name}/{s.index.get('split')}" if s.index else s.path for s in sources]
+    return [lab if labels.count(lab) == 1 else s.path for lab, s in zip(labels, sources)]
+
+
+def nested_counts(counts: Counter) -> dict:
+    """``{(source, what): n}`` -> ``{source: {what: n}}`` (plain dicts: they travel in a batch)."""
+    out: dict = {}
+    for (source, what), n in sorted(counts.items()):
+        if n:
+            out.setdefault(source, {})[what] = int(n)
+    return out
+
+
+class CorruptTally:
+    """Samples read and skipped per source and reason, added up from the batches' ``sample_counts``."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def add(self, sample_counts: Optional[dict]) -> None:
+        for source, per in (sample_counts or {}).items():
+            for what, n in per.items():
+                self.counts[(source, what)] += int(n)
+
+    def merge(self, other: "CorruptTally") -> None:
+        self.counts.update(other.counts)
+
+    @property
+    def corrupt(self) -> int:
+        return sum(n for (_, what), n in self.counts.items() if what != "read")
+
+    def lines(self, when: str) -> list[str]:
+        """One console line per source with skipped samples, e.g. ``data: epoch 0: skipped 3 corrupt samples of
+        1,204 read (bad_image=2, bad_json=1) in coco/train``; none when nothing was skipped."""
+        out = []
+        for source in sorted({s for s, _ in self.counts}):
+            reasons = {what: n for (s, what), n in sorted(self.counts.items()) if s == source and what != "read" and n}
+            if not reasons:
+                continue
+            total = sum(reasons.values())
+            detail = ", ".join(f"{what}={n:,}" for what, n in reasons.items())
+            out.append(f"data: {when}: skipped {total:,} corrupt sample{'s' if total != 1 else ''} of "
+                       f"{self.counts[(source, 'read')]:,} read ({detail}) in {source}")
+        return out
+
+
+def corrupt_summary_callback():
+    """A Lightning callback that prints :meth:`CorruptTally.lines` on global rank 0 when a training epoch ends
+    (summed over the ranks: one ``all_gather_object``, at a point every rank reaches), when the run ends (if it
+    spanned several epochs) and, for this rank, when it stops on an error or Ctrl-C."""
+    import lightning as L
+
+    def gathered(trainer, tally: CorruptTally) -> tuple[CorruptTally, str]:
+        import torch.distributed as dist
+
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return tally, ""
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, dict(tally.counts))
+        total = CorruptTally()
+        for p in parts:
+            total.counts.update(p)
+        return total, f", {len(parts)} ranks"
+
+    class CorruptSummary(L.Callback):
+        def __init__(self):
+            self.epoch, self.run, self.epochs = CorruptTally(), CorruptTally(), 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if isinstance(batch, dict):
+                self.epoch.add(batch.get("sample_counts"))
+
+        def _report(self, trainer, tally: CorruptTally, when: str) -> None:
+            total, ranks = gathered(trainer, tally)
+            if trainer.is_global_zero:
+                for line in total.lines(when + ranks):
+                    print(line, flush=True)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self._report(trainer, self.epoch, f"epoch {trainer.current_epoch}")
+            self.run.merge(self.epoch)
+            self.epoch, self.epochs = CorruptTally(), self.epochs + 1
+
+        def on_train_end(self, trainer, pl_module):
+            self.run.merge(self.epoch)
+            self.epoch = CorruptTally()
+            if self.epochs > 1:
+                self._report(trainer, self.run, f"this run ({self.epochs} epochs)")
+
+        def on_exception(self, trainer, pl_module, exception):  # rank-local: the other ranks may be gone
+            self.run.merge(self.epoch)
+            self.epoch = CorruptTally()
+            if trainer.is_global_zero:
+                for line in self.run.lines(f"before the stop (rank {trainer.global_rank})"):
+                    print(line, flush=True)
+
+    return CorruptSummary()
+
+
 __all__ = ["ShardStream", "ShardEvalStream", "StreamLayout", "Source", "ShardReader", "scan_tar", "TarSamples",
-           "CorruptCounter", "CorruptSample", "CorruptDataError", "stable_hash", "consumed_by_worker"]
+           "CorruptCounter", "CorruptSample", "CorruptDataError", "CORRUPT_REASONS", "corrupt_reason",
+           "CorruptTally", "corrupt_summary_callback", "source_labels", "stable_hash", "consumed_by_worker"]

@@ -5,7 +5,13 @@ Layout (sections are free-form; these are the ones the suite writes)::
     {"model": "tcl", "step": 12000,
      "retrieval": {"txt_r1": ..., "txt_r5": ..., "txt_r10": ..., "img_r1": ..., "img_r5": ..., "img_r10": ...,
                    "txt_r_mean": ..., "img_r_mean": ..., "r_mean": ..., "rsum": ...},
-     "vqa": {"score": ...}}
+     "vqa": {"score": ...},
+     "train": {"wall_seconds": ..., "steps": ..., "parameters": ..., "samples_per_s": ...},
+     "command": "make pretrain-tcl"}
+
+``train`` is the run's training cost (:func:`training_record`; ``vlp compare`` reads these names) and ``command`` the
+command that produced the run (``VLP_COMMAND``, which the Makefile sets, else the ``vlp`` command line);
+:func:`run_summary` is the short block ``vlp pretrain`` / ``vlp finetune`` print at the end.
 
 :func:`write_results` deep-merges into what is already there (a retrieval evaluation and a VQA evaluation of the same
 run coexist; keys not written are kept), under an advisory file lock, and replaces the file atomically
@@ -31,6 +37,9 @@ __all__ = [
     "print_retrieval_table",
     "read_results",
     "results_path",
+    "run_command",
+    "run_summary",
+    "training_record",
     "write_results",
 ]
 
@@ -119,6 +128,58 @@ def write_results(
         merged = _deep_merge(read_results(run_dir), new)
         atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return merged
+
+
+# ------------------------------------------------------------------------------------------- training record ---
+def training_record(wall_seconds: float, steps: int, parameters: int, samples_per_step: int) -> dict[str, Any]:
+    """The ``train`` section: wall seconds of training summed over the run's resumed segments, optimizer steps,
+    trainable parameters, and samples/s over the whole run (global samples per optimizer step x steps / wall)."""
+    wall = float(wall_seconds)
+    return {"wall_seconds": round(wall, 1), "steps": int(steps), "parameters": int(parameters),
+            "samples_per_s": round(samples_per_step * steps / wall, 1) if wall > 0 else None}
+
+
+def run_command(environ: Mapping[str, str] | None = None, argv: list[str] | None = None) -> str | None:
+    """What produced the run: ``VLP_COMMAND`` (set by the Makefile: ``make pretrain-tcl``), else ``vlp ...`` when this
+    process is the ``vlp`` command, else None (a library call: nothing honest to record)."""
+    import shlex
+    import sys
+
+    environ = os.environ if environ is None else environ
+    argv = sys.argv if argv is None else argv
+    if environ.get("VLP_COMMAND"):
+        return environ["VLP_COMMAND"]
+    program = Path(argv[0]).name if argv else ""
+    if program == "vlp" or (program == "__main__.py" and Path(argv[0]).parent.name == "vlp"):
+        return shlex.join(["vlp", *argv[1:]])
+    return None
+
+
+def run_summary(run_dir: str | os.PathLike, name: str | None = None) -> str:
+    """A few lines for the end of a command: where the run is, how long it trained, its headline figures."""
+    from vlp.compare import format_duration
+
+    results = read_results(run_dir)
+    train = results.get("train") or {}
+    lines = [f"== {name or Path(run_dir).name}: {run_dir}"]
+    if train:
+        rate = train.get("samples_per_s")
+        lines.append(f"   trained {train.get('steps')} steps in {format_duration(train.get('wall_seconds'))}"
+                     + (f" ({rate:.1f} samples/s)" if isinstance(rate, (int, float)) else ""))
+    ret = results.get("retrieval") or {}
+    if ret:
+        def three(d: str) -> str:
+            return " / ".join(f"{ret[f'{d}_r{k}']:.1f}" for k in (1, 5, 10) if f"{d}_r{k}" in ret)
+
+        lines.append(f"   retrieval R@1/5/10  TR {three('txt')}  IR {three('img')}  "
+                     f"({results.get('retrieval_protocol')}, {results.get('retrieval_images')} images, step "
+                     f"{results.get('step')})")
+    vqa = results.get("vqa") or {}
+    if isinstance(vqa.get("score"), (int, float)):
+        lines.append(f"   VQA score {vqa['score']:.2f} on {vqa.get('split')} ({vqa.get('answered')} questions)")
+    if len(lines) == 1:
+        lines.append("   no results yet (results.json holds no training record or evaluation)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ tables ---

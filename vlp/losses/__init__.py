@@ -9,6 +9,7 @@ Plain functions on tensors, plus :class:`Temperature` (the one piece of state: a
 * :mod:`.mutual_info` — TCL's global-to-local mutual-information loss (LMI) and patch pooling.
 * :mod:`.regions` — masked region modelling (UNITER's MRFR, MRC, MRC-kl) and the region mask.
 * :mod:`.optimal_transport` — word-region alignment by optimal transport (UNITER's WRA: IPOT, distance, loss).
+* :mod:`.ranking` — UNITER's retrieval hinge ranking loss and its hard-candidate draws.
 * :mod:`.vqa` — the VQA loss (BCE over soft answer scores x number of answers).
 """
 
@@ -23,6 +24,7 @@ from vlp.losses.matching import itm_loss, itm_triplets, sample_negatives, swap_i
 from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
 from vlp.losses.optimal_transport import cosine_cost, ipot_plan, ot_distance, wra_loss
+from vlp.losses.ranking import draw_candidates, hardest_candidates, hinge_rank_loss
 from vlp.losses.regions import mrc_kl_loss, mrc_loss, mrfr_loss, region_mask
 from vlp.losses.vqa import vqa_bce_loss
 
@@ -50,4 +52,7 @@ __all__ = [
     "mrc_loss",
     "mrc_kl_loss",
     "region_mask",
+    "hinge_rank_loss",
+    "draw_candidates",
+    "hardest_candidates",
 ]

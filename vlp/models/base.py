@@ -218,6 +218,9 @@ class PretrainModule(L.LightningModule):
     ``pooled_dim`` and ``step``; it calls :meth:`build_vqa_head` once its ``pooled_dim`` is known."""
 
     READS: ClassVar[frozenset] = frozenset({"pixels"})
+    # Under FSDP2 (vlp.utils.fsdp) the method that runs one training step is the root unit's forward: ``step``, or
+    # ``forward`` for a model whose ``step`` calls it (TCL: its momentum update runs in ``step``, outside it).
+    FSDP_FORWARD: ClassVar[str] = "step"
 
     def __init__(self, optim: OptimConfig | None = None, loss_weights: dict[str, float] | None = None):
         super().__init__()
@@ -341,6 +344,35 @@ class PretrainModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        if self.fsdp_sharded:  # outside the step: the stored shards, not the step's gathered copies
+            from vlp.utils.fsdp import clamp_stored
+
+            clamp_stored(self)
+
+    # -- FSDP2 (trainer.strategy: fsdp2; vlp.utils.fsdp) ---------------------------------------------------------------
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The transformer blocks FSDP2 shards one unit each: every layer of every stack, the momentum twins'
+        included (``vlp.utils.fsdp.stack_layers``); everything else is the root unit."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its FSDP2 blocks (fsdp_blocks)")
+
+    @property
+    def fsdp_sharded(self) -> bool:
+        from vlp.utils.fsdp import is_sharded
+
+        return is_sharded(self)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``trainer.strategy: fsdp2``): FSDP2 over the data-parallel
+        mesh, one unit per block of ``fsdp_blocks()`` and the rest as the root, in the precision's mixed-precision
+        policy (``vlp.utils.fsdp``). Other strategies: nothing."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from vlp.utils.fsdp import mixed_precision_policy, shard_model
+
+        shard_model(self, self.fsdp_blocks(), mesh=self.device_mesh["data_parallel"],
+                    mp_policy=mixed_precision_policy(self.trainer.precision), forward_method=self.FSDP_FORWARD)
 
 
 def example_text(vocab_size: int, batch_size: int, length: int = 8, seed: int = 0, first_id: int = 5) -> Text:

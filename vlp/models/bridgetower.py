@@ -70,6 +70,7 @@ from vlp.losses.matching import itm_loss, swap_images_for_itm
 from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.models.base import (Encoded, Fused, PretrainModule, RetrievalProtocol, Step, Text, example_pixels,
                              example_text)
+from vlp.utils.fsdp import stack_layers
 
 __all__ = ["BridgeTowerConfig", "BridgeTower", "BridgeTowerOutput"]
 
@@ -195,6 +196,9 @@ class BridgeTower(PretrainModule):
             self.cfg, vision=vision, text=text, hidden=self.hidden,
             cross_heads=stack.attention.self.num_attention_heads,
             cross_intermediate=stack.intermediate.dense.out_features)
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return stack_layers(self.vision, self.text, self.cross_modal)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for module in (self.vision, self.text, self.cross_modal):

@@ -50,7 +50,9 @@ Where we differ from the official code, on purpose:
 * initialisation from a BERT checkpoint (``text.name``): txt and vis stacks from layers 0 .. L/2-1, the cross-modal
   stack from layers L/2 .. L-1 (the official script loads a prepared checkpoint whose origin the code does not
   say; this is the ALBEF-style split the paper's "two stages of 6 layers" suggests), both LM heads from BERT's
-  MLM head, the pooler from BERT's pooler; phrase rows, region embedding, projections and ITM keep their init.
+  MLM head, the pooler from BERT's pooler; phrase rows, region embedding, projections and ITM keep their init;
+* ``logit_scale`` is a 1-element vector (FSDP2 cannot shard a 0-d parameter); a 0-d one (the official file, older
+  checkpoints) loads into it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from vlp.losses.grounding import draw_wpg_choices, gather_rows, wpg_loss
 from vlp.losses.matching import hardest_negatives, itm_loss
 from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.models.base import Encoded, Fused, PretrainModule, RetrievalProtocol, Step, Text, example_text
+from vlp.utils.fsdp import stack_layers
 
 __all__ = ["MVPTRConfig", "MVPTR", "LOSSES"]
 
@@ -173,7 +176,7 @@ class MVPTR(PretrainModule):
         e = cfg.embed_dim or h
         self.txt_proj = nn.Parameter(torch.randn(h, e) * h ** -0.5)  # official: scale * randn, untouched by init
         self.vis_proj = nn.Parameter(torch.randn(h, e) * h ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)))  # [1]: FSDP2
         self.mlm_head.tie(self.embeddings.word_embeddings, rows=self.word_vocab_size)
         self.mcr_head.tie(self.embeddings.word_embeddings, rows=self.word_vocab_size)
         if cfg.text.pretrained:
@@ -207,6 +210,15 @@ class MVPTR(PretrainModule):
         if pooler is not None:
             self.pooler.dense.load_state_dict(pooler.dense.state_dict())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"  # 0-d in the official file and in checkpoints from before it was [1]
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return stack_layers(self.txt_encoder, self.vis_encoder, self.mul_encoder)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stack in (self.txt_encoder, self.vis_encoder, self.mul_encoder):
             stack.set_grad_checkpointing(enable)
@@ -225,8 +237,8 @@ class MVPTR(PretrainModule):
         return self.hf_config.hidden_size
 
     def scale(self) -> torch.Tensor:
-        """``exp(logit_scale)``, clamped at ``exp(logit_scale_max)`` when set."""
-        s = self.logit_scale
+        """``exp(logit_scale)`` (0-d), clamped at ``exp(logit_scale_max)`` when set."""
+        s = self.logit_scale.reshape(())
         if self.cfg.logit_scale_max is not None:
             s = s.clamp(max=self.cfg.logit_scale_max)
         return s.exp()

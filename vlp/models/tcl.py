@@ -57,6 +57,7 @@ from vlp.losses.matching import itm_loss, itm_triplets, sample_negatives
 from vlp.losses.mlm import mlm_loss
 from vlp.losses.mutual_info import in_batch_g2l_loss, patch_pooling
 from vlp.models.base import Encoded, Fused, PretrainModule, Step, Text, example_pixels, example_text
+from vlp.utils.fsdp import stack_layers
 
 ITM_NEGATIVES = ("random", "local-hard")
 
@@ -101,6 +102,8 @@ class TCLConfig:
 
 
 class TCL(PretrainModule):
+    FSDP_FORWARD = "forward"  # step() runs the momentum update, then forward (see step)
+
     def __init__(self, cfg: TCLConfig | None = None, optim: OptimConfig | None = None):
         cfg = cfg or TCLConfig()
         super().__init__(optim, cfg.loss_weights)
@@ -156,6 +159,10 @@ class TCL(PretrainModule):
         return self.itm_head(fused.pooled)
 
     # -- pre-training ------------------------------------------------------------------------------------------------
+    def fsdp_blocks(self) -> list[torch.nn.Module]:
+        m = self.momentum
+        return stack_layers(self.vision, self.text, m["vision"], m["text"])
+
     def current_alpha(self) -> float:
         if self.cfg.alpha_warmup_steps <= 0:
             return self.cfg.alpha
@@ -254,7 +261,9 @@ class TCL(PretrainModule):
         update = self._trainer is None or self.global_step != getattr(self, "_momentum_step", None)
         if self._trainer is not None:
             self._momentum_step = self.global_step
-        out = self(batch, update_momentum=update)
+        if update:  # before forward, the same values: under FSDP2 on the stored shards, not gathered copies
+            self.momentum.update()
+        out = self(batch, update_momentum=False)
         metrics = {f"ita_{k[5:]}": v.detach() for k, v in out.items() if k.startswith("loss_")}
         metrics.update(temp=self.temp().detach().squeeze(), alpha=self.current_alpha())
         if "itm_logits" in out:  # logits: B positives, then 2B negatives

@@ -93,6 +93,7 @@ from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.losses.optimal_transport import ot_distance, wra_loss
 from vlp.losses.regions import mrc_kl_elements, mrc_loss, mrc_targets, mrfr_elements, region_mask
 from vlp.models.base import Encoded, Fused, PretrainModule, RetrievalProtocol, Step, Text, example_text
+from vlp.utils.fsdp import is_shard, stack_layers
 
 __all__ = ["UNITERConfig", "UNITER", "TaskSampler", "TASKS", "TASK_LOSSES", "draw_itm_pairs",
            "RegionFeatureRegression", "RegionClassification"]
@@ -299,6 +300,9 @@ class UNITER(PretrainModule):
         if pooler is not None:
             self.pooler.dense.load_state_dict(pooler.dense.state_dict())
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return stack_layers(self.encoder)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
 
@@ -463,6 +467,8 @@ class UNITER(PretrainModule):
             metrics["task"] = float(TASKS.index(tasks[0]))
             if self.cfg.touch_unused and losses:
                 first = next(iter(losses))
-                touch = sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad)
+                # Under FSDP2 the blocks' parameters are shards (DTensors) here and every task runs every block;
+                # the heads a task may leave unused are the step's gathered copies, touched as under DDP.
+                touch = sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad and not is_shard(p))
                 losses[first] = losses[first] + 0.0 * touch
         return Step(losses, metrics)

@@ -15,7 +15,7 @@ import importlib
 
 from vlp.config import ConfigError
 
-TASKS = {"vqa": "vlp.tasks.vqa"}
+TASKS = {"vqa": "vlp.tasks.vqa", "retrieval": "vlp.tasks.retrieval"}
 
 
 def get_task(name: str):

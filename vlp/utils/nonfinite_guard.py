@@ -48,11 +48,15 @@ class NonFiniteGuard(L.Callback):
     def _grads(pl_module: L.LightningModule) -> tuple[list[str], torch.Tensor | None]:
         """Names of the parameters with gradients, and a bool vector (on their device, no host sync): finite?"""
         named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
+        # Under FSDP2 the gradients are shards (DTensors): each rank checks its own (the flags are summed over the
+        # ranks), and a rank may hold no element of a small one.
+        local = [(n, g.to_local() if hasattr(g, "to_local") else g) for n, g in named]
+        local = [(n, g.detach()) for n, g in local if g.numel()]
+        if not local:
             return [], None
         # max |g| per tensor: inf/NaN propagate, and unlike a 2-norm it cannot overflow on large finite gradients
-        norms = torch._foreach_norm([g.detach() for _, g in named], float("inf"))
-        return [n for n, _ in named], torch.isfinite(torch.stack([x.float() for x in norms]))
+        norms = torch._foreach_norm([g for _, g in local], float("inf"))
+        return [n for n, _ in local], torch.isfinite(torch.stack([x.float() for x in norms]))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         step, device = trainer.global_step, pl_module.device

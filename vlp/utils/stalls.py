@@ -234,6 +234,7 @@ def _exit_when_ready(sentinel) -> None:
 class WorkerInit:
     """The ``worker_init_fn`` of vlp's loaders (picklable, for forkserver/spawn). In each worker:
 
+    * SIGUSR1 and SIGINT are ignored: they are for the rank (SLURM's pre-emption notice, Ctrl-C);
     * a worker whose OS parent is not the process that started it (a forkserver worker) gets a daemon thread that
       ends it when that process ends: torch's worker only checks ``os.getppid()``, which is the server, so a rank
       killed hard (SIGKILL, OOM) would otherwise leave its workers, and the server they keep alive, behind forever;
@@ -246,7 +247,10 @@ class WorkerInit:
     def __call__(self, worker_id: int) -> None:
         # SLURM signals every process of a job step: SIGUSR1 (pre-emption notice) is the rank's to handle
         # (vlp.utils.slurm); its default action would kill a forkserver-started worker under the rank's feet.
+        # Likewise a terminal's Ctrl-C reaches every process of the group: the rank stops its workers itself
+        # (vlp.utils.interrupt); a worker ended by SIGINT would add "DataLoader worker exited unexpectedly".
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         parent = multiprocessing.parent_process()
         if parent is not None and parent.pid != os.getppid():
             threading.Thread(target=_exit_when_ready, args=(parent.sentinel,), daemon=True,
