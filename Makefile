@@ -186,11 +186,13 @@ data-%: setup  ## Run a recipe: make data-coco RAW=/raw/coco OUT=/shards/coco
 	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make data-$* RAW=... OUT=..."; exit 2; }
 	$(BIN)/python -m data_recipes.$* --root $(RAW) --out $(OUT) $(ARGS)
 
-bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; JSON in benchmarks/results/)
+bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; JSON in benchmarks/results/): data path, train step of all four models (tiny/base, fp32/bf16), retrieval cost vs N, BridgeTower vs transformers
 	$(BIN)/python benchmarks/tcl_step.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/bridgetower_vs_transformers.py
 	$(BIN)/python benchmarks/worker_start.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/retrieval_cost.py
 
 # `make compare RUNS="runs/tcl-tiny runs/albef-tiny" NAME=tcl-vs-albef` -> reports/tcl-vs-albef/compare.md + plots
 RUNS ?=
