@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _ranks import gloo_group, rank_args  # noqa: E402
 from vlp.losses import Temperature, info_nce, sample_negatives  # noqa: E402
 from vlp.utils import distributed as vdist  # noqa: E402
 
@@ -65,9 +66,8 @@ def run_cases(batch: dict[str, torch.Tensor], lo: int, hi: int, world: int) -> d
 
 
 def main() -> None:
-    rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    rank, world, store, out_dir = rank_args()
+    with gloo_group(rank, world, store):
         assert vdist.world_size() == world and vdist.rank() == rank
         batch = make_global_batch()
         b = GLOBAL_B // world
@@ -90,9 +90,6 @@ def main() -> None:
                                             generator=torch.Generator().manual_seed(rank))
         result["global_hard"] = {"neg_img": neg_img, "neg_txt": neg_txt}
         torch.save(result, out_dir / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

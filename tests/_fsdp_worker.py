@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from _ranks import gloo_group, one_task_per_step, rank_args  # noqa: E402
 from vlp.models import MODELS, _import  # noqa: E402
 from vlp.utils.fsdp import clamp_stored, full_tensor, mixed_precision_policy, shard_model  # noqa: E402
 
@@ -51,21 +52,6 @@ def max_diff(sharded: dict, reference: dict) -> tuple[float, str]:
         if ref is not None and (d := float((got.detach().float() - ref.detach().float()).abs().max())) >= worst:
             worst, where = d, name
     return worst, where
-
-
-def one_task_per_step(cls):
-    """UNITER as a Trainer runs it: one sampled task per step, the unused heads touched with a zero weight."""
-    class Sampled(cls):
-        position = 0
-
-        @property
-        def global_step(self) -> int:
-            return self.position
-
-        def sampling(self) -> bool:
-            return self.training
-
-    return Sampled
 
 
 def compare(name: str, rank: int, world: int, mesh, sampled: bool = False) -> dict:
@@ -132,9 +118,8 @@ def bf16_step(rank: int, world: int, mesh) -> dict:
 
 
 def main() -> None:
-    rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    dist.init_process_group("gloo", store=dist.FileStore(init_file, world), rank=rank, world_size=world)
-    try:
+    rank, world, store, out_dir = rank_args()
+    with gloo_group(rank, world, store):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
@@ -142,9 +127,6 @@ def main() -> None:
         result["uniter-sampled"] = compare("uniter", rank, world, mesh, sampled=True)
         result["bf16"] = bf16_step(rank, world, mesh)
         torch.save(result, out_dir / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from _ranks import gloo_group, rank_args  # noqa: E402
+
 GLOBAL_B, LR = 4, 0.1
 
 # case -> (registered model, tiny() overrides, losses computed per rank on purpose: the paper mines or contrasts
@@ -198,22 +200,16 @@ def ddp_step(case: str, rank: int, world: int) -> dict:
 
 
 def main() -> None:
-    import torch.distributed as dist
-
-    rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    rank, world, store, out_dir = rank_args()
     torch.set_num_threads(1)
     # training_step logs; outside a Trainer Lightning warns once per key and ignores the call.
     warnings.filterwarnings("ignore", message=".*self.trainer.* reference is not registered")
     refs = {case: reference(case, world) for i, case in enumerate(CASES) if i % world == rank}
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         ranks = {case: ddp_step(case, rank, world) for case in CASES}
         from vlp.models import MODELS
 
         torch.save({"registered": sorted(MODELS), "reference": refs, "ddp": ranks}, out_dir / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def subprocess_env(threads: int = 1) -> dict:
     """The environment of a ``python -m vlp`` child: no launcher variables leaked from this process (a child would
     think it is a DDP rank already), no network, and a fixed thread count (bitwise comparisons need the same one)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PL_", "SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
+           if not k.startswith(("PL_", "SLURM_", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE",
+                               "RANK", "MASTER_", "TORCHELASTIC_"))}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     return env

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _ranks import launch
 from _tiny_runs import ROOT, compare_runs, load, subprocess_env, tiny_experiment, vlp_command
 from vlp.models import MODELS
 
@@ -28,22 +28,7 @@ TOL = dict(atol=2e-6, rtol=1e-5)
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp")
-    env = subprocess_env()
-    worker = Path(__file__).with_name("_fsdp_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(WORLD), str(out / "store"), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(f"rank {r}:\n{log[-3000:]}" for r, log in enumerate(logs))
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return launch(Path(__file__).with_name("_fsdp_worker.py"), tmp_path_factory.mktemp("fsdp"), WORLD, timeout=300)
 
 
 @pytest.mark.parametrize("name", [*sorted(MODELS), "uniter-sampled"])  # + UNITER's one task per step, as trained

@@ -3,21 +3,19 @@
 Two ranks hold half the batch each; the mean of their losses and the gradients w.r.t. each rank's input features
 (with DDP's 1/world averaging) must equal the single-process loss and gradients on the whole batch (1e-5).
 
-The ranks run as plain subprocesses of tests/_dist_worker.py with the launcher variables (LOCAL_RANK, RANK,
-WORLD_SIZE, MASTER_*, PL_*, SLURM_*) removed from their environment, and meet through a FileStore in a temp
-directory, so no port is needed and nothing leaks into later tests.
+The ranks run as plain subprocesses of tests/_dist_worker.py (``tests/_ranks.py``: no launcher variables in their
+environment, a FileStore in a temp directory, so no port is needed and nothing leaks into later tests).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from _ranks import launch
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 WORLD = 2
@@ -30,33 +28,9 @@ def _load_worker():
     return module
 
 
-def _clean_env() -> dict[str, str]:
-    drop = {"LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("MASTER_", "PL_", "SLURM_", "TORCHELASTIC_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist_losses")
-    init_file = tmp / "store"
-    env = _clean_env()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(init_file), str(tmp)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return launch(WORKER, tmp_path_factory.mktemp("dist_losses"), WORLD, timeout=120)
 
 
 @pytest.mark.parametrize("case", ["plain_symmetric", "queue_soft", "ids_symmetric"])

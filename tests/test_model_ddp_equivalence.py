@@ -33,13 +33,12 @@ biases, which softmax ignores). The two ranks' averaged gradients are bitwise eq
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from _ranks import launch
 
 pytestmark = pytest.mark.slow
 
@@ -61,31 +60,9 @@ worker = _load_worker()  # torch only at import; the models are imported in the 
 CASES = list(worker.CASES)
 
 
-def _clean_env() -> dict[str, str]:
-    drop = {"LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("MASTER_", "PL_", "SLURM_", "TORCHELASTIC_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return env
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("model_ddp")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(tmp / "store"), str(tmp)],
-                              env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return launch(WORKER, tmp_path_factory.mktemp("model_ddp"), WORLD)
 
 
 def reference(results, case: str) -> dict:

@@ -8,10 +8,9 @@ with the launcher variables removed from their environment; they meet through a 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from _ranks import gloo_group, launch, one_task_per_step, rank_args
 
 if __name__ != "__main__":
     import pytest
@@ -21,36 +20,10 @@ if __name__ != "__main__":
 WORLD, STEPS = 2, 6
 
 
-def _clean_env() -> dict[str, str]:
-    drop = {"LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("MASTER_", "PL_", "SLURM_", "TORCHELASTIC_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return env
-
-
-def _run(tmp: Path) -> list[str]:
-    init = tmp / "store"
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(init), str(tmp)],
-                              env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [f"rc={p.returncode}\n{o}" for p, o in zip(procs, outs)]
-
-
 def test_one_task_per_step_under_ddp_without_unused_parameter_search(tmp_path):
     import torch
 
-    outs = _run(tmp_path)
-    assert all(o.startswith("rc=0") for o in outs), "\n".join(outs)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    res = launch(Path(__file__), tmp_path, WORLD, timeout=180)
     assert res[0]["tasks"] == res[1]["tasks"] and len(set(res[0]["tasks"])) > 1, res[0]["tasks"]
     for a, b in zip(res[0]["params"], res[1]["params"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # gradients were reduced: the ranks stay identical
@@ -58,26 +31,14 @@ def test_one_task_per_step_under_ddp_without_unused_parameter_search(tmp_path):
     assert all("find_unused_parameters" in r["untouched_error"] for r in res), res[0]["untouched_error"]
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+def _worker(rank: int, world: int, store: str, out_dir: Path) -> None:
     import torch
-    import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
     from vlp.models.uniter import UNITER, UNITERConfig
 
-    dist.init_process_group("gloo", store=dist.FileStore(init_file, world), rank=rank, world_size=world)
-
-    class Stepped(UNITER):  # the position a Trainer would give: the optimizer step, sampling in training
-        position = 0
-
-        @property
-        def global_step(self) -> int:
-            return self.position
-
-        def sampling(self) -> bool:
-            return self.training
+    Stepped = one_task_per_step(UNITER)  # the position a Trainer would give: the optimizer step
 
     class Total(nn.Module):
         def __init__(self, model):
@@ -110,16 +71,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             opt.step()
         return tasks, [p.detach().clone() for p in model.parameters()]
 
-    tasks, params = train(touch=True)
-    try:  # both ranks run the same task, so both refuse at the same step: no rank waits for the other
-        train(touch=False)
-        error = ""
-    except RuntimeError as e:
-        error = str(e)
-    torch.save({"tasks": tasks, "params": params, "untouched_error": error}, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    with gloo_group(rank, world, store):
+        tasks, params = train(touch=True)
+        try:  # both ranks run the same task, so both refuse at the same step: no rank waits for the other
+            train(touch=False)
+            error = ""
+        except RuntimeError as e:
+            error = str(e)
+        torch.save({"tasks": tasks, "params": params, "untouched_error": error}, out_dir / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    r, w, init, out = sys.argv[1:5]
-    _worker(int(r), int(w), init, out)
+    _worker(*rank_args())

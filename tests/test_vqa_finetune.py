@@ -206,7 +206,11 @@ def test_vqa_task_learns_a_fixed_batch():
 
 def test_loading_a_pretraining_checkpoint_reports_only_the_head_as_new(tmp_path):
     from vlp.models.loading import save
-    from vlp.tasks.vqa import load_pretrained
+    from vlp.tasks.common import load_pretrained as load_any
+    from vlp.tasks.vqa import HEAD_PREFIX
+
+    def load_pretrained(*args, **kwargs):  # the VQA head is the task's new weights
+        return load_any(*args, new_prefixes=(HEAD_PREFIX,), **kwargs)
 
     torch.manual_seed(1)
     pre = _tiny_bridgetower(0, itc=1.0)  # pre-training: with ITC heads, no VQA head
@@ -280,7 +284,8 @@ def test_finetune_cli_end_to_end_and_resume(world, tmp_path, capsys):
     assert main(["finetune", str(TINY_YAML), *common, f"ckpt={tmp_path / 'gone.ckpt'}", "trainer.max_steps=6"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints'}" in out and "initialised from" not in out
-    assert json.loads((run / "results.json").read_text())["vqa"]["step"] == 6
+    resumed = json.loads((run / "results.json").read_text())["vqa"]
+    assert resumed["step"] == 6 and resumed["init"] == str(ckpt)  # the weights it started from, not the resume's ckpt=
 
 
 def test_finetune_without_ckpt_is_a_clear_error(world, tmp_path, capsys):

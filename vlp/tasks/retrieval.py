@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -49,8 +48,9 @@ from vlp.losses.contrastive import Temperature, info_nce
 from vlp.losses.matching import hardest_negatives, itm_loss, itm_triplets, sample_negatives, valid_negative_mask
 from vlp.losses.ranking import draw_candidates, hardest_candidates, hinge_rank_loss
 from vlp.models.base import Encoded, Step, Text, configure_adamw
+from vlp.tasks.common import freeze_unreached, group_keys, init_from_checkpoint, log_learning_rate
 
-__all__ = ["RetrievalObjective", "OBJECTIVES", "RetrievalTask", "contrastive_temperature", "freeze_unreached",
+__all__ = ["RetrievalObjective", "OBJECTIVES", "RetrievalTask", "contrastive_temperature",
            "prepare", "build", "evaluate_run"]
 
 LOSSES = ("itc_itm", "hinge")
@@ -96,30 +96,6 @@ def contrastive_temperature(model) -> torch.Tensor:
     if callable(getattr(model, "scale", None)):
         return 1.0 / model.scale()
     raise TypeError(f"{type(model).__name__} has no contrastive temperature (temp, itc_temp or scale())")
-
-
-@torch.no_grad()
-def freeze_unreached(model: torch.nn.Module, loss_fn) -> list[str]:
-    """Freeze (``requires_grad=False``) the parameters of ``model`` that the backward of ``loss_fn()`` (a scalar, in
-    train mode) does not reach, and return their names: pre-training heads a task never uses, so that DDP needs no
-    ``find_unused_parameters`` and the optimizer leaves them alone. Gradients already present are kept."""
-    was_training = model.training
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    grads = {n: p.grad for n, p in trainable.items()}
-    for p in trainable.values():
-        p.grad = None
-    model.train()
-    try:
-        with torch.enable_grad():
-            loss_fn().float().backward()
-        unused = [n for n, p in trainable.items() if p.grad is None]
-    finally:
-        for n, p in trainable.items():
-            p.grad = grads[n]
-        model.train(was_training)
-    for n in unused:
-        trainable[n].requires_grad_(False)
-    return unused
 
 
 class RetrievalTask(L.LightningModule):
@@ -240,8 +216,7 @@ class RetrievalTask(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        log_learning_rate(self)
 
     def configure_optimizers(self):
         return configure_adamw(self, self.optim_cfg, self.total_steps)
@@ -273,27 +248,15 @@ def build(cfg, dm, init: bool = True) -> RetrievalTask:
     """The task on ``cfg.model``; with ``init``, every weight from ``cfg.ckpt`` (required unless
     ``finetune.from_scratch``; retrieval adds no head). Parameters the objective does not reach are frozen."""
     from vlp.models import build as build_model
-    from vlp.tasks.vqa import _groups, load_pretrained
 
     model = build_model(cfg.model, cfg.optim)
     task = RetrievalTask(model, cfg.optim, objective_for(cfg), seed=cfg.seed)
     if init:
         task.init_from = cfg.ckpt or "scratch"
-        if cfg.ckpt and not Path(cfg.ckpt).is_file():
-            raise ConfigError(f"ckpt={cfg.ckpt}: no such checkpoint (pre-train first, e.g. `make "
-                              f"pretrain-{cfg.model.name}`, or point ckpt at a `vlp pretrain` last.ckpt / `vlp "
-                              "convert` output)")
-        if cfg.ckpt:
-            print(load_pretrained(model, cfg.ckpt, strict=cfg.finetune.strict, new_prefixes=()).summary())
-        elif cfg.finetune.from_scratch:
-            warnings.warn("vlp finetune: no ckpt given and finetune.from_scratch=true: fine-tuning from RANDOM "
-                          "initialisation (a baseline, not a pre-trained model)", stacklevel=2)
-        else:
-            raise ConfigError("vlp finetune needs the pre-trained weights: ckpt=PATH (a `vlp pretrain` last.ckpt or "
-                              "a `vlp convert` output); finetune.from_scratch=true trains from random init instead")
+        init_from_checkpoint(model, cfg)
     frozen = freeze_unreached(model, task.probe_loss)
     if frozen:
-        print(f"frozen (not used by retrieval): {_groups(frozen)}")
+        print(f"frozen (not used by retrieval): {group_keys(frozen)}")
     return task
 
 

@@ -10,7 +10,7 @@ shared loss (``vqa_loss``: BCE x number of answers, the official ``compute_vqa``
   exact resume. A source's ``weight`` is its passes per epoch: weight = questions per image (~5.4 for VQA v2) makes
   an epoch see as many (image, question) examples as the split has questions, as the paper's epochs do.
   Evaluation reads every question of the split once, in order.
-* Initialisation: ``load_pretrained`` reads a vlp checkpoint (``vlp pretrain``'s ``last.ckpt`` or ``vlp convert``'s
+* Initialisation: ``vlp.tasks.common.load_pretrained`` reads a vlp checkpoint (``vlp pretrain``'s ``last.ckpt`` or ``vlp convert``'s
   output, with ``weights_only=True``) and reports which weights were loaded, which are new (the VQA head) and which
   were dropped (pre-training heads VQA does not use); anything else missing is an error (``finetune.strict``).
 * Parameters that the VQA forward never reaches (pre-training heads) are frozen at build time (``freeze_unused``), so
@@ -30,8 +30,6 @@ import json
 import logging
 import time
 import warnings
-from pathlib import Path
-from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -40,94 +38,13 @@ from vlp.config import ConfigError, OptimConfig
 from vlp.data.visual import Visual
 from vlp.eval.vqa import VQAScore
 from vlp.models.base import Text, configure_adamw
+from vlp.tasks.common import freeze_unreached, group_keys, init_from_checkpoint, log_learning_rate
 
 log = logging.getLogger("vlp")
 
-__all__ = ["VQATask", "LoadReport", "load_pretrained", "prepare", "build", "evaluate_run"]
+__all__ = ["VQATask", "prepare", "build", "evaluate_run"]
 
 HEAD_PREFIX = "vqa_head."  # the model's VQA head: new when fine-tuning starts from a pre-training checkpoint
-
-
-# -- loading pre-trained weights --------------------------------------------------------------------------------------
-def _groups(keys: list[str], depth: int = 2) -> str:
-    """``a.b.c.w, a.b.d.w, x.y`` -> ``a.b.* (2), x.y``: a compact listing of state-dict keys."""
-    counts: dict[str, int] = {}
-    for k in keys:
-        parts = k.split(".")
-        g = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
-        counts[g] = counts.get(g, 0) + 1
-    return ", ".join(g if n == 1 else f"{g} ({n})" for g, n in counts.items())
-
-
-class LoadReport(NamedTuple):
-    path: str
-    loaded: list[str]  # module keys whose values came from the checkpoint
-    new: list[str]  # module keys left at their initialisation: the task head
-    missing: list[str]  # other module keys the checkpoint lacks (an error when strict)
-    unexpected: list[str]  # checkpoint keys the module has no place for (pre-training heads): dropped
-    step: int | None
-
-    def summary(self) -> str:
-        lines = [f"initialised from {self.path}" + (f" (step {self.step})" if self.step is not None else "")
-                 + f": {len(self.loaded)} tensors loaded"]
-        lines.append(f"  newly initialised: {_groups(self.new) if self.new else 'nothing'}")
-        if self.missing:
-            lines.append(f"  MISSING from the checkpoint (left at random init): {_groups(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  not used by this task (dropped): {_groups(self.unexpected)}")
-        return "\n".join(lines)
-
-
-def _config_diff(saved, built, prefix: str = "") -> list[str]:
-    """Leaves of two config dicts that differ (``a.b: saved -> built``)."""
-    out = []
-    for key in sorted(set(saved) | set(built)):
-        a, b = saved.get(key), built.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} (checkpoint) vs {b!r} (config)")
-    return out
-
-
-def load_pretrained(model: torch.nn.Module, path: str | Path, *, strict: bool = True,
-                    new_prefixes: tuple[str, ...] = (HEAD_PREFIX,)) -> LoadReport:
-    """Load a vlp checkpoint's ``state_dict`` into ``model`` (not strict: the task head is new).
-
-    Keys under ``new_prefixes`` may be missing (they are the task's new weights); any other missing key raises
-    ``KeyError`` when ``strict`` (else a warning). Checkpoint keys the model lacks are dropped and reported. A
-    fine-tuning checkpoint (keys under ``model.``) is accepted too. Shapes must agree (``pos_embed`` excepted: the
-    vision tower resamples it to the new image size); a mismatch raises naming the config fields that differ."""
-    from vlp.models.loading import read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    state = dict(ckpt["state_dict"])
-    own = model.state_dict()
-    if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.") for k in own):
-        state = {k[len("model."):]: v for k, v in state.items()}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        hint = ""
-        saved = (ckpt.get("hyper_parameters") or {}).get("model")
-        if isinstance(saved, dict) and hasattr(model, "resolved_config"):
-            diff = [d for d in _config_diff(saved, dataclasses.asdict(model.resolved_config()))
-                    if not d.startswith(("num_answers", "loss_weights"))]
-            if diff:
-                hint = "\nconfig fields that differ: " + "; ".join(diff[:12])
-        raise RuntimeError(f"{path}: the checkpoint does not fit the model built from the config: "
-                           f"{str(e).strip()[:2000]}{hint}") from None
-    new = [k for k in missing if k.startswith(new_prefixes)]
-    other = [k for k in missing if not k.startswith(new_prefixes)]
-    report = LoadReport(str(path), [k for k in own if k not in set(missing)], new, other, list(unexpected),
-                        ckpt.get("global_step"))
-    if other:
-        msg = (f"{path} lacks {len(other)} weights of the model besides the task head: {_groups(other)}; they stay "
-               "randomly initialised")
-        if strict:
-            raise KeyError(msg + " (finetune.strict=false to accept this)")
-        warnings.warn(msg, stacklevel=2)
-    return report
 
 
 # -- the task ---------------------------------------------------------------------------------------------------------
@@ -146,6 +63,7 @@ class VQATask(L.LightningModule):
         self.optim_cfg = optim or OptimConfig()
         self.answers = list(answers) if answers is not None else None
         self.eval_chunk = eval_chunk
+        self.init_from: str | None = None  # the start (ckpt or "scratch"), kept in its checkpoints for resumes
         self.total_steps: int | None = None  # set by the entry point from max_steps or the loader length
         self.eval_split = "test"  # the name the evaluation after training logs under
         self.val_score = VQAScore()
@@ -176,31 +94,13 @@ class VQATask(L.LightningModule):
             out.append(self(visual.select(index[rows]), text.select(rows)))
         return torch.cat(out)
 
-    @torch.no_grad()
     def freeze_unused(self) -> list[str]:
-        """Freeze (``requires_grad=False``) the parameters one VQA forward/backward does not reach, and return their
-        names. Probes with the model's ``example_inputs`` (its own input sizes; questions with padding)."""
-        was_training = self.model.training
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        grads = {n: p.grad for n, p in trainable.items()}
-        for p in trainable.values():
-            p.grad = None
+        """Freeze the parameters one VQA forward/backward does not reach, and return their names. Probes with the
+        model's ``example_inputs`` (its own input sizes; questions with padding)."""
         device = next(self.model.parameters()).device
         visual, text = self.model.example_inputs(2)
-        self.model.train()
-        try:
-            with torch.enable_grad():
-                self(visual.to(device), text.to(device)).float().sum().backward()
-            unused = [n for n, p in trainable.items() if p.grad is None]
-        finally:
-            for n, p in trainable.items():
-                p.grad = grads[n]
-            self.model.train(was_training)
-        for n in unused:
-            trainable[n].requires_grad_(False)
-        return unused
+        return freeze_unreached(self.model, lambda: self(visual.to(device), text.to(device)).sum())
 
-    # -- Lightning ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(self.question_visuals(batch), Text.from_batch(batch))
         targets = batch["vqa_targets"]
@@ -217,8 +117,7 @@ class VQATask(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        log_learning_rate(self)
 
     def _eval_step(self, batch: dict, metric: VQAScore) -> torch.Tensor:
         logits = self.answer_logits(batch)
@@ -231,6 +130,12 @@ class VQATask(L.LightningModule):
         self._eval_step(batch, self.val_score)
         self.log("val/vqa_score", self.val_score, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=batch["input_ids"].shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vlp_init_from"] = self.init_from
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.init_from = checkpoint.get("vlp_init_from", self.init_from)
 
     def on_test_epoch_start(self) -> None:
         self.predictions = {}
@@ -273,23 +178,12 @@ def build(cfg, dm, init: bool = True) -> VQATask:
 
     model = build_model(cfg.model, cfg.optim)
     task = VQATask(model, cfg.optim, answers=dm.answers, eval_chunk=cfg.data.eval_batch_size)
-    ft = cfg.finetune
     if init:
-        if cfg.ckpt and not Path(cfg.ckpt).is_file():
-            raise ConfigError(f"ckpt={cfg.ckpt}: no such checkpoint (pre-train first, e.g. `make "
-                              "pretrain-bridgetower`, or point ckpt at a `vlp pretrain` last.ckpt / `vlp convert` "
-                              "output)")
-        if cfg.ckpt:
-            print(load_pretrained(model, cfg.ckpt, strict=ft.strict).summary())
-        elif ft.from_scratch:
-            warnings.warn("vlp finetune: no ckpt given and finetune.from_scratch=true: fine-tuning from RANDOM "
-                          "initialisation (a baseline, not a pre-trained model)", stacklevel=2)
-        else:
-            raise ConfigError("vlp finetune needs the pre-trained weights: ckpt=PATH (a `vlp pretrain` last.ckpt or "
-                              "a `vlp convert` output); finetune.from_scratch=true trains from random init instead")
+        task.init_from = cfg.ckpt or "scratch"
+        init_from_checkpoint(model, cfg, new_prefixes=(HEAD_PREFIX,))
     frozen = task.freeze_unused()
     if frozen:
-        print(f"frozen (not used by VQA): {_groups(frozen)}")
+        print(f"frozen (not used by VQA): {group_keys(frozen)}")
     return task
 
 
@@ -311,7 +205,7 @@ def evaluate_run(cfg, task: VQATask, dm, trainer) -> dict:
     res = task.last_eval
     step = trainer.global_step
     section = {"score": res["score"], "split": split, "step": step, "questions": res["questions"],
-               "answered": res["answered"], "init": cfg.ckpt or "scratch", "seconds": round(time.time() - t0, 1)}
+               "answered": res["answered"], "init": task.init_from or cfg.ckpt or "scratch", "seconds": round(time.time() - t0, 1)}
     if cfg.finetune.predictions and task.answers is not None:
         path = cfg.run_dir / f"vqa_{split}_predictions.json"
         preds = [{"question_id": q, "answer": task.answers[a]} for q, a in sorted(task.predictions.items())]
