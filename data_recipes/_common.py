@@ -292,9 +292,14 @@ def forcing(force: bool = True):
         _FORCE.reset(token)
 
 
+def forced() -> bool:
+    """Whether this run was given ``--force`` (for recipes with their own test of a finished shard)."""
+    return _FORCE.get()
+
+
 def shard_done(path: Path, records: list[dict], fp: str) -> dict | None:
     """The sidecar of a finished shard of exactly these records, else None (always None under ``--force``)."""
-    if _FORCE.get():
+    if forced():
         return None
     side = sidecar_path(path)
     if not (path.exists() and side.exists()):

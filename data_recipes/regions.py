@@ -57,7 +57,7 @@ keys, or with a feature/class dimension other than the first image's, is an erro
 
 Shards are written atomically, each followed by its sidecar: ``<shard>.json`` with ``--out`` (as every recipe
 does), ``<shard>.regions.json`` in place (the writing recipe's ``<shard>.json`` stays, so its re-run finds the shard
-finished and keeps the spec). A re-run skips every shard already holding what this run would write (``--out``:
+finished and keeps the spec). ``--force`` rewrites every shard. A re-run skips every shard already holding what this run would write (``--out``:
 the input shard's bytes, the options and the source: the npz folder's file names, sizes and mtimes; the TSV's size
 and mtime; the weights file's hash; in place: the options and the shard's own hash). While shards are being
 rewritten ``OUT/index.json`` is absent (``--in-place``: present, with ``regions`` null), so a reader never takes a
@@ -716,7 +716,10 @@ def regions_sidecar(shard_path: str | Path) -> Path:
 
 
 def _in_place_done(path: Path, records: int, fp: str) -> dict | None:
-    """The regions sidecar of a shard that holds exactly what this run would write into it, else None."""
+    """The regions sidecar of a shard that holds exactly what this run would write into it, else None (always None
+    under ``--force``)."""
+    if C.forced():
+        return None
     side = regions_sidecar(path)
     if not (path.exists() and side.exists()):
         return None
@@ -1133,6 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="--simulate: seed of the conv bank, context boxes, noise (0)")
     p.add_argument("--workers", type=C.positive_int, default=1, metavar="K", help="processes, one shard each (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    C.add_force_arg(p)
     args = p.parse_args(argv)
     if args.out is not None and len(args.shards) != 1:
         p.error("--out takes one --shards directory (several only with --in-place)")
@@ -1142,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress, in_place=args.in_place, npz_dir=args.npz_dir, tsv=args.tsv,
         tsv_fields=args.tsv_fields, classes=args.classes, objects=args.objects, backbone=args.backbone,
         pretrained=args.pretrained, weights=args.weights, image_size=args.image_size, roi_size=args.roi_size,
-        batch_size=args.batch_size, device=args.device, seed=args.seed)
+        batch_size=args.batch_size, device=args.device, seed=args.seed, force=args.force)
 
 
 if __name__ == "__main__":

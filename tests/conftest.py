@@ -26,6 +26,21 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """Each test gets the process's signal handlers back: a training run in this process installs its own, and
+    Lightning leaves Ctrl-C ignored after one; an ignored SIGINT would also be inherited by every later
+    subprocess (a ``vlp pretrain`` started with SIGINT ignored never sees Ctrl-C)."""
+    import signal
+
+    names = ("SIGINT", "SIGTERM", "SIGUSR1")
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    yield
+    for name, handler in before.items():
+        if handler is not None and signal.getsignal(getattr(signal, name)) is not handler:
+            signal.signal(getattr(signal, name), handler)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module of tiny models: they gain nothing from a second thread, and on a shared

@@ -78,7 +78,7 @@ def test_batch_keys_shapes_dtypes_and_regions(world):
     assert b["region_mask"].sum(1).tolist() == [2 + int(k.split("-")[1]) % 3 for k in b["keys"]]
     assert (b["region_features"][~b["region_mask"]] == 0).all()
     assert b["n_seen"] == 4 and b["n_corrupt"] == 0
-    assert b["stream_state"] == {"epoch": 0, "rank": 0, "worker": 0, "batch": 0, "index": 0}
+    assert b["stream_state"] == {"epoch": 0, "rank": 0, "worker": 0, "batch": 0, "index": 0, "hops": []}
 
 
 def test_caption_choice_random_is_seeded_and_first_is_first(world):

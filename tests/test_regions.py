@@ -555,5 +555,16 @@ def test_simulate_command_line_and_missing_objects(world, tmp_path, capsys):
     assert read_index(work)["regions"] is None and read_index(work)["num_samples"] > 0
     assert R.main(argv + ["--objects", str(ann / "instances_val2017.json")]) == 0
     assert read_index(work)["regions"]["dim"] == 128
+    # a re-run rewrites nothing; --force rewrites every shard, into the same bytes (the detector is deterministic)
+    t0, regions0 = mtimes(work), regions_of(work)
+    assert R.main(argv + ["--objects", str(ann / "instances_val2017.json")]) == 0
+    tars = [n for n in t0 if n.endswith(".tar")]
+    assert tars and all(mtimes(work)[n] == t0[n] for n in tars)
+    assert R.main(argv + ["--objects", str(ann / "instances_val2017.json"), "--force"]) == 0
+    assert all(mtimes(work)[n] != t0[n] for n in tars)
+    def as_bytes(regions):
+        return {k: {f: np.asarray(a).tobytes() for f, a in v.items()} for k, v in regions.items()}
+
+    assert as_bytes(regions_of(work)) == as_bytes(regions0) and regions0
     with pytest.raises(SystemExit):  # several directories only in place
         R.main(["--shards", str(work), str(work), "--out", str(tmp_path / "o"), "--simulate"])

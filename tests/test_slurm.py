@@ -9,7 +9,9 @@
   a checkpoint that does not resume exactly;
 * the trainer built in a SLURM job has Lightning's SLURM environment without its mid-step handler, and vlp's
   ``SlurmRequeue`` last among the callbacks (``trainer.slurm_requeue``; none outside SLURM or in an interactive job);
-* ``SlurmRequeue`` acts only at the end of an optimizer step, requeues from rank 0, and says when requeueing failed.
+* ``SlurmRequeue`` acts only at the end of an optimizer step, requeues from rank 0, and says when requeueing failed;
+* SIGTERM (``vlp.utils.graceful_stop.TerminateSave``, every run): the step reached is saved, the run exits 143 and
+  the same command resumes it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ def _wait_for_rows(proc: subprocess.Popen, run: Path, rows: int, out: Path, time
         time.sleep(0.02)
 
 
+def _signal_after_first_checkpoint(cmd: list, env: dict, run: Path, out: Path, signum: int) -> tuple[int, int, str]:
+    """Run ``cmd``, send it ``signum`` once the first checkpoint's rows are in metrics.csv; (exit status, rows
+    logged when signalled, output)."""
+    with out.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rows = _wait_for_rows(proc, run, EVERY - 1, out)
+            proc.send_signal(signum)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return code, rows, out.read_text()
+
+
 # -- end to end -------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigusr1_saves_requeues_exits_and_the_requeued_job_resumes_bitwise(shapes_shards, tmp_path, monkeypatch,
@@ -82,17 +100,7 @@ def test_sigusr1_saves_requeues_exits_and_the_requeued_job_resumes_bitwise(shape
     cmd = vlp_command(*args)
 
     # The job: SIGUSR1 once the first checkpoint's rows are in metrics.csv (EVERY steps done, rows 0..EVERY-2).
-    with out.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            rows = _wait_for_rows(proc, run, EVERY - 1, out)
-            proc.send_signal(signal.SIGUSR1)
-            code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    text = out.read_text()
+    code, rows, text = _signal_after_first_checkpoint(cmd, env, run, out, signal.SIGUSR1)
     assert code == 0, text[-3000:]
     said = re.search(r"pre-empted \(signal \d+\): step (\d+) saved", text)
     assert said, f"no pre-emption message:\n{text[-3000:]}"
@@ -144,6 +152,7 @@ def test_the_trainer_in_a_slurm_job_has_its_environment_and_vlps_requeue(where, 
 
     from vlp.resume import RunCheckpoint
     from vlp.train import _trainer, run_callbacks
+    from vlp.utils.graceful_stop import SaveAtStepEnd, TerminateSave
     from vlp.utils.slurm import SlurmRequeue
 
     for k in [k for k in os.environ if k.startswith("SLURM_")]:
@@ -159,9 +168,12 @@ def test_the_trainer_in_a_slurm_job_has_its_environment_and_vlps_requeue(where, 
         assert isinstance(env, SLURMEnvironment) and env.global_rank() == 0 and env.world_size() == 1
         assert env.auto_requeue is False, "Lightning's handler saves mid-step; vlp's SlurmRequeue requeues instead"
         if knob:
-            # last of all (Lightning runs checkpoint callbacks last): it sees the step's RunCheckpoint save
-            assert trainer.callbacks[-1] is requeue[0] and isinstance(trainer.callbacks[-2], RunCheckpoint)
-            assert requeue[0].checkpoint is trainer.callbacks[-2]
+            # after the RunCheckpoint (Lightning runs checkpoint callbacks last, in order): it sees the step's save
+            ckpt = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, RunCheckpoint)]
+            after = trainer.callbacks[ckpt[0] + 1:]
+            assert len(ckpt) == 1 and requeue[0] in after and all(isinstance(c, SaveAtStepEnd) for c in after)
+            assert requeue[0].checkpoint is trainer.callbacks[ckpt[0]]
+            assert [type(c) for c in after] == [SlurmRequeue, TerminateSave]
         else:
             assert not requeue
     else:  # an interactive allocation (srun --pty bash) or no SLURM: as on a workstation
@@ -248,3 +260,71 @@ def test_a_signal_after_training_requeues_at_once(slurm_job):
     assert not slurm_job.exists()
     os.kill(os.getpid(), signal.SIGUSR1)
     assert slurm_job.read_text() == f"requeue {JOB}\n"
+
+
+# -- SIGTERM (kill, scancel, docker stop, SLURM's time limit): save the step reached, exit 143 ---------------------
+def test_sigterm_saves_the_step_reached_exits_143_and_the_same_command_resumes(shapes_shards, tmp_path, capsys):
+    """A real ``vlp pretrain`` (no SLURM) gets SIGTERM after its first checkpoint: it saves the step it was in at
+    that step's end (not the earlier periodic one, and nothing mid-step), says so, and exits 143 (Lightning alone
+    would exit 0 and save nothing); the same command then resumes from that step and finishes."""
+    from vlp.cli import main
+
+    exp = tiny_experiment("tcl", tmp_path, shapes_shards, max_steps=MAX_STEPS, checkpoint_every_n_steps=EVERY,
+                          accumulate_grad_batches=ACCUMULATE, throughput=False)
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    args = ["pretrain", str(exp), "name=run", "--no-eval"]
+    code, rows, text = _signal_after_first_checkpoint(vlp_command(*args), subprocess_env(), run, out, signal.SIGTERM)
+    assert code == 143, text[-3000:]
+    said = re.search(r"terminated \(SIGTERM\) at step (\d+): saved in (\S+); the same command resumes from it", text)
+    assert said, text[-3000:]
+    step = int(said.group(1))
+    assert rows + 1 <= step < MAX_STEPS and said.group(2) == str(run / "checkpoints")
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == step
+    assert load(run / "checkpoints" / f"step{step:07d}.ckpt")["global_step"] == step
+    assert "Traceback" not in text and not (run / "results.json").exists()
+    assert main(args) == 0
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
+
+
+def test_sigterm_waits_for_the_step_end_reaches_the_launched_ranks_and_after_training_exits_at_once():
+    from vlp.utils.graceful_stop import Terminated, TerminateSave
+
+    class Rank:  # a rank Lightning's DDP launcher started
+        def __init__(self, alive=True):
+            self.alive, self.got = alive, []
+
+        def poll(self):
+            return None if self.alive else 0
+
+        def send_signal(self, signum):
+            self.got.append(signum)
+
+    ranks = [Rank(), Rank(alive=False)]
+    ckpt, trainer = _Checkpoint(), _trainer_stub(4)
+    trainer.strategy.launcher = SimpleNamespace(procs=ranks)
+    cb = TerminateSave(ckpt)
+    cb.setup(trainer, None, "fit")
+    cb.on_train_start(trainer, None)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 5
+    assert cb.requested and ckpt.saved == [] and ranks[0].got == [signal.SIGTERM] and ranks[1].got == []
+    cb.on_train_batch_end(trainer, None, None, None, 0)  # no optimizer step yet: nothing
+    assert ckpt.saved == []
+    trainer.global_step = 5
+    with pytest.raises(Terminated) as e:
+        cb.on_train_batch_end(trainer, None, None, None, 1)
+    assert e.value.code == 143 and ckpt.saved == [5]
+
+    def before_fit(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, before_fit)
+    cb, trainer = TerminateSave(_Checkpoint()), _trainer_stub(12)
+    cb.setup(trainer, None, "fit")
+    cb.on_train_start(trainer, None)
+    cb.on_train_end(trainer, None)
+    with pytest.raises(Terminated):  # training is over: nothing to save, stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    cb.teardown(trainer, None, "fit")  # after fit: the handler from before (by default: end the process)
+    assert signal.getsignal(signal.SIGTERM) is before_fit

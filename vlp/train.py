@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -320,7 +322,6 @@ def _fit_or_stall(cfg: ExperimentConfig, trainer: L.Trainer, *args, **kwargs) ->
         stall = collective_failure(e, t.collective_timeout_s, _rendezvous_s(t)) if isinstance(e, Exception) else None
         launcher = getattr(trainer.strategy, "launcher", None)
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
-            import signal
             import subprocess
             import time
 
@@ -398,8 +399,10 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
     """Periodic checkpoints + ``last.ckpt`` in ``<run>/checkpoints`` (and the final step in both, whatever the
     cadence), metrics.csv flushed with each of them and holding each step's own values
     (``vlp.utils.step_metrics``); the per-step seeding of every random draw (``vlp.utils.rng.StepSeeding``), the
-    non-finite loss policy (``vlp.utils.nonfinite_guard.NonFiniteGuard``) and the console summary of skipped corrupt
-    samples (``vlp.data.stream.corrupt_summary_callback``)."""
+    non-finite loss policy (``vlp.utils.nonfinite_guard.NonFiniteGuard``), the console summary of skipped corrupt
+    samples (``vlp.data.stream.corrupt_summary_callback``), and the signals: SIGUSR1 under SLURM requeues, SIGTERM
+    saves and exits 143 (both at the end of the step: ``vlp.utils.graceful_stop``), Ctrl-C stops within a step
+    (``vlp.utils.interrupt``)."""
     from vlp.resume import RunCheckpoint
     from vlp.utils.nonfinite_guard import NonFiniteGuard
     from vlp.utils.rng import StepSeeding
@@ -417,6 +420,12 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
     from vlp.utils.slurm import requeue_callbacks  # SLURM pre-emption: save the step, requeue, exit
 
     callbacks += requeue_callbacks(cfg.trainer.slurm_requeue, ckpt)
+    from vlp.utils.graceful_stop import TerminateSave  # SIGTERM: save the step reached, exit 143
+
+    callbacks.append(TerminateSave(ckpt))
+    from vlp.utils.interrupt import ctrl_c_guard  # a Ctrl-C that lands in a __del__ still stops training
+
+    callbacks.append(ctrl_c_guard())
     if cfg.trainer.throughput:  # samples/s, tokens/s, MFU, peak memory in metrics.csv (vlp.utils.throughput)
         from vlp.utils.throughput import ThroughputMonitor
 
@@ -465,12 +474,15 @@ def fit(cfg: ExperimentConfig, module: L.LightningModule, trainer: L.Trainer, dm
             restore_metrics(cfg.run_dir / "metrics.csv", resume.as_checkpoint())
         print(f"resuming from {resume.path}")
     fit_module = torch.compile(module) if cfg.trainer.compile else module
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         _fit_or_stall(cfg, trainer, fit_module, datamodule=dm, ckpt_path=str(resume.path) if resume else None,
                       weights_only=True)
     except BaseException as e:
         if not is_ctrl_c(e) or isinstance(e, RunInterrupted):
             raise
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C from its first one on, for good
         saved = newest_checkpoint_step(cfg.run_dir) if trainer.is_global_zero else None  # only rank 0 says it
         raise RunInterrupted(trainer.global_step, saved, trainer.global_rank) from None
     if trainer.is_global_zero:

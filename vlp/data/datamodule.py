@@ -41,7 +41,7 @@ from vlp.data.collate import Collator, SampleProcessor
 from vlp.data.config import CAPTION_TASKS, ShardsDataConfig
 from vlp.data.masking import MaskingConfig
 from vlp.data.shards import ShardFormatError, read_index
-from vlp.data.stream import ShardEvalStream, ShardStream, Source
+from vlp.data.stream import ShardEvalStream, ShardStream, Source, resume_position
 from vlp.data.text import TextTokenizer
 from vlp.data.tokenizer import load_tokenizer
 from vlp.data.transforms import build_transform
@@ -123,7 +123,8 @@ def share_weights(sources: list[Source], shares: list[Optional[float]]) -> list[
 
 
 class StreamPosition:
-    """Where the training stream stands: epoch, batches consumed in it, and sample counters (rank-local)."""
+    """Where the training stream stands: epoch, batches consumed in it, and sample counters (rank-local); with the
+    stream's fingerprints, topology and elastic hops, so a resume on another topology continues exactly."""
 
     def __init__(self):
         self.epoch: Optional[int] = None
@@ -131,6 +132,9 @@ class StreamPosition:
         self.seen = 0
         self.corrupt = 0
         self.fingerprint: Optional[int] = None
+        self.data_fingerprint: Optional[int] = None
+        self.topology: Optional[list] = None
+        self.hops: list = []
         self.batches_per_rank: Optional[int] = None
         self.last = (0, 0)  # n_seen, n_corrupt of the last recorded batch
 
@@ -138,27 +142,32 @@ class StreamPosition:
         st = batch["stream_state"]
         self.epoch = int(st["epoch"])
         self.batches = int(st["index"]) + 1
+        self.hops = [list(h) for h in st.get("hops", [])]
         self.last = (int(batch.get("n_seen", 0)), int(batch.get("n_corrupt", 0)))
         self.seen += self.last[0]
         self.corrupt += self.last[1]
         if stream is not None:
             self.fingerprint, self.batches_per_rank = stream.fingerprint, len(stream)
+            self.data_fingerprint, self.topology = stream.data_fingerprint, list(stream.topology)
 
     def state_dict(self, exclude_last: bool = False) -> dict:
         """The position; ``exclude_last``: as if the last recorded batch had not been consumed (it is replayed)."""
         batches, seen, corrupt = self.batches, self.seen, self.corrupt
         if exclude_last and batches > 0:
             batches, seen, corrupt = batches - 1, seen - self.last[0], corrupt - self.last[1]
-        return {"version": 1, "epoch": self.epoch, "batches": batches, "seen": seen, "corrupt": corrupt,
-                "fingerprint": self.fingerprint, "batches_per_rank": self.batches_per_rank}
+        return {"version": 2, "epoch": self.epoch, "batches": batches, "seen": seen, "corrupt": corrupt,
+                "fingerprint": self.fingerprint, "batches_per_rank": self.batches_per_rank,
+                "data_fingerprint": self.data_fingerprint, "topology": self.topology, "hops": self.hops}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != 1:
-            raise ValueError(f"data stream state: unknown version {state.get('version')!r} (expected 1)")
+        if state.get("version") not in (1, 2):
+            raise ValueError(f"data stream state: unknown version {state.get('version')!r} (expected 1 or 2)")
         self.epoch = state["epoch"]
         self.batches = int(state["batches"])
         self.seen, self.corrupt = int(state.get("seen", 0)), int(state.get("corrupt", 0))
         self.fingerprint, self.batches_per_rank = state.get("fingerprint"), state.get("batches_per_rank")
+        self.data_fingerprint, self.topology = state.get("data_fingerprint"), state.get("topology")
+        self.hops = [list(h) for h in state.get("hops") or []]
 
 
 class _TimedIterator:
@@ -332,6 +341,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_stream: Optional[ShardStream] = None
         self.position = StreamPosition()
         self._warned_fingerprint = False
+        self._reload_every: Optional[int] = None  # the trainer's setting, while an elastic epoch overrides it
         self._ready_at_record: Optional[int] = None
         self._answers: Optional[list[str]] = None
         self._phrase_vocab = None
@@ -471,6 +481,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_stream is None:
             self.train_stream = self.build_train_stream()
         k = self.cfg.num_workers
+        self._position_stream(self.train_stream)  # now: Lightning reads len() of the loader before iterating it
         return _StreamLoader(self.train_stream, self._position_stream, self.cfg, pin_memory=torch.cuda.is_available(),
                              persistent_workers=False, prefetch_factor=2 if k > 0 else None)
 
@@ -548,31 +559,37 @@ class ShardDataModule(L.LightningDataModule):
         return self.position.seen
 
     def _position_stream(self, stream: ShardStream) -> None:
-        """Set the stream's epoch and start batch for the iteration that is about to begin."""
-        pos, nb = self.position, len(stream)
-        trainer = self.trainer
+        """Set the stream's epoch, start batch and elastic hops for the iteration that is about to begin, and keep
+        Lightning's idea of the epoch's length in step with it (an elastic resume changes it)."""
+        pos, trainer = self.position, self.trainer
         current = trainer.current_epoch if trainer is not None else (pos.epoch or 0)
-        if pos.epoch is None:
-            epoch, batches = current, 0
-        else:
-            batches = pos.batches
+        epoch, batches, hops = current, 0, ()
+        if pos.epoch is not None:
+            epoch, batches, hops = resume_position(stream, pos.state_dict(), warn=not self._warned_fingerprint)
             if pos.fingerprint is not None and pos.fingerprint != stream.fingerprint:
-                old = max(1, int(pos.batches_per_rank or 1))
-                batches = min(nb, batches * nb // old)
-                if not self._warned_fingerprint:
-                    self._warned_fingerprint = True
-                    warnings.warn(
-                        "data stream: the checkpoint's position was saved with another world size, worker count, "
-                        f"batch size or data; exact resume is impossible. Continuing epoch {pos.epoch} at the same "
-                        f"fraction ({batches}/{nb} batches): some samples of this epoch may repeat or be skipped.",
-                        stacklevel=2)
-                pos.batches, pos.fingerprint, pos.batches_per_rank = batches, stream.fingerprint, nb
-            epoch = max(current, pos.epoch)
-            if pos.epoch != epoch:
-                batches = 0
-            elif batches >= nb:
-                epoch, batches = epoch + 1, 0
-        stream.epoch, stream.start_batch = int(epoch), int(batches)
+                self._warned_fingerprint = True  # (once per run: this runs again for every iteration)
+            if current > epoch:
+                epoch, batches, hops = current, 0, ()
+        stream.epoch, stream.start_batch, stream.hops = int(epoch), int(batches), tuple(hops)
+        if trainer is not None:
+            self._follow_epoch_length(trainer, len(stream), elastic=bool(hops))
+
+    def _follow_epoch_length(self, trainer, length: int, elastic: bool) -> None:
+        """Tell Lightning's fit loop how many batches this epoch has. It reads the loader's length when it sets the
+        loader up, once, not per epoch; so its batch count follows the stream here, and the loader is rebuilt for
+        the epoch after an elastic one (whose length differs from a normal epoch's). ``limit_train_batches`` keeps
+        its meaning."""
+        fit_loop = getattr(trainer, "fit_loop", None)
+        if fit_loop is None:
+            return
+        if getattr(fit_loop, "max_batches", None) not in (None, float("inf")):  # (inf: not set up yet)
+            limit = trainer.limit_train_batches
+            fit_loop.max_batches = min(length, limit) if isinstance(limit, int) else int(length * limit)
+        if elastic and self._reload_every is None:
+            self._reload_every = trainer.reload_dataloaders_every_n_epochs
+            trainer.reload_dataloaders_every_n_epochs = 1
+        elif not elastic and self._reload_every is not None:
+            trainer.reload_dataloaders_every_n_epochs, self._reload_every = self._reload_every, None
 
     # -- retrieval evaluation ----------------------------------------------------------------------------------------
     def retrieval_data(self, split: str = "test") -> RetrievalData:

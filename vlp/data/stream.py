@@ -25,6 +25,16 @@ new loader plays logical worker ``(w + p) % K``, so the round-robin continues wh
 skips its consumed batches arithmetically (whole shards by index) and locates its next item in one shard, whose
 tar headers it scans without reading or decoding any skipped sample. The cost does not grow with the position.
 
+Elastic resume: a position saved under another topology (world size, workers, batch size) over the same data
+(same sources, seed and sampling) continues the epoch exactly over the union of ranks. The samples of the epoch that
+no rank had consumed yet -- the unconsumed tail of every old slot, in old slot order -- are concatenated and cut again
+into equal contiguous ranges over the new slots (a :class:`Hop` records each earlier topology and how far it got;
+hops nest, so 2 -> 1 -> 3 ranks works). Each sample keeps its identity and its per-sample seed, so it is decoded and
+augmented exactly as the uninterrupted run would have; no sample is repeated, and only the fewer than one global batch
+(new ranks x new batch size x workers) that do not fill a whole step on every rank are dropped, with a warning, as
+every epoch drops its remainder. The next epoch is laid out for the new topology as usual. A position saved over
+other data resumes at the same fraction of the epoch instead, with a warning.
+
 ``resampled=True`` replaces step 1 by independent, seeded, size-weighted shard draws with replacement per slot
 (still reproducible and resumable); epochs keep the nominal length.
 
@@ -378,9 +388,10 @@ def consumed_by_worker(worker: int, batches: int, num_workers: int) -> int:
 class _SlotWalker:
     """Walks one slot's item sequence for one epoch: item j -> (source, offset in that source's slot stream)."""
 
-    def __init__(self, ds: "ShardStream", epoch: int, slot: int, reader: ShardReader, counter: CorruptCounter):
+    def __init__(self, ds: "ShardStream", epoch: int, slot: int, reader: ShardReader, counter: CorruptCounter,
+                 layout: Optional[StreamLayout] = None):
         self.ds, self.epoch, self.slot, self.reader, self.counter = ds, epoch, slot, reader, counter
-        lay = ds.layout
+        self.layout = lay = layout or ds.layout
         self.n_items = lay.batches_per_worker * lay.batch_size
         quotas = [q[slot] for q in lay.quotas]
         if len(ds.sources) == 1:
@@ -436,7 +447,7 @@ class _SlotWalker:
         ds, src = self.ds, self.ds.sources[s]
         if ds.resampled:
             return self._locate_resampled(s, k)
-        lo, hi = ds.layout.ranges[s][self.slot]
+        lo, hi = self.layout.ranges[s][self.slot]
         cycle, r = divmod(k, hi - lo)
         g = lo + r
 
@@ -493,6 +504,75 @@ class _SlotWalker:
                                f"last error: {self.counter.last}")
 
 
+@dataclass(frozen=True)
+class Hop:
+    """An earlier topology of the current epoch: ``world_size`` ranks x ``workers`` slots (``max(1, num_workers)``)
+    x ``batch_size``, and the ``batches`` per rank the run consumed under it before it moved on."""
+
+    world_size: int
+    workers: int
+    batch_size: int
+    batches: int
+
+    def as_list(self) -> list[int]:
+        return [self.world_size, self.workers, self.batch_size, self.batches]
+
+
+class _LayoutPlan:
+    """An epoch as ``StreamLayout`` cuts it: every slot walks its own ``batches_per_worker x batch_size`` items."""
+
+    def __init__(self, ds: "ShardStream", epoch: int, layout: StreamLayout):
+        self.ds, self.epoch, self.layout = ds, epoch, layout
+        self.world_size, self.K, self.B = layout.world_size, layout.K, layout.batch_size
+        self.batches_per_worker = layout.batches_per_worker
+        self.dropped = 0
+
+    def walker(self, slot: int, reader: ShardReader, counter: CorruptCounter) -> _SlotWalker:
+        return _SlotWalker(self.ds, self.epoch, slot, reader, counter, self.layout)
+
+
+class _RemainderPlan:
+    """What ``parent`` had left after ``consumed`` batches per rank, cut again over ``world_size x K`` slots of
+    ``batch_size`` (module docstring, elastic resume). Item ``j`` of new slot ``i`` is item ``lo_i + j`` of the
+    concatenated tails, i.e. a fixed item of one parent slot: arithmetic only, nothing is read to find it."""
+
+    def __init__(self, parent, consumed: int, world_size: int, K: int, batch_size: int):
+        self.parent, self.world_size, self.K, self.B = parent, world_size, K, batch_size
+        per_slot = parent.batches_per_worker * parent.B
+        self.starts = [min(per_slot, consumed_by_worker(w, consumed, parent.K) * parent.B)
+                       for _ in range(parent.world_size) for w in range(parent.K)]
+        self.cum = np.concatenate([[0], np.cumsum([per_slot - a for a in self.starts])]).tolist()
+        total, S = self.cum[-1], world_size * K
+        self.ranges = [(i * total // S, (i + 1) * total // S) for i in range(S)]
+        self.batches_per_worker = min(hi - lo for lo, hi in self.ranges) // batch_size
+        self.dropped = total - S * self.batches_per_worker * batch_size  # this cut only
+
+    def walker(self, slot: int, reader: ShardReader, counter: CorruptCounter) -> "_ChainWalker":
+        return _ChainWalker(self, slot, reader, counter)
+
+
+class _ChainWalker:
+    """A slot of a :class:`_RemainderPlan`: its items come from one or more parent slots' tails, in order."""
+
+    def __init__(self, plan: _RemainderPlan, slot: int, reader: ShardReader, counter: CorruptCounter):
+        self.plan, self.reader, self.counter = plan, reader, counter
+        self.g = self.lo = plan.ranges[slot][0]
+        self._parent: Optional[tuple[int, Any]] = None  # (parent slot, its walker, positioned at self.g)
+
+    def seek(self, j: int) -> None:
+        self.g, self._parent = self.lo + j, None
+
+    def next(self) -> dict:
+        plan = self.plan
+        o = bisect.bisect_right(plan.cum, self.g) - 1
+        if self._parent is None or self._parent[0] != o:
+            walker = plan.parent.walker(o, self.reader, self.counter)
+            walker.seek(plan.starts[o] + self.g - plan.cum[o])
+            self._parent = (o, walker)
+        self.g += 1
+        return self._parent[1].next()
+
+
 class ShardStream(IterableDataset):
     """Training batches from a weighted mixture of shard directories, exactly resumable (see the module docstring).
 
@@ -526,45 +606,85 @@ class ShardStream(IterableDataset):
         self.labels = source_labels(self.sources)
         self.epoch = 0
         self.start_batch = 0
+        self.hops: tuple[Hop, ...] = ()  # earlier topologies of the current epoch (elastic resume)
+        self._plans: dict = {}
 
     # -- sizes and position ------------------------------------------------------------------------------------------
+    @property
+    def topology(self) -> tuple[int, int, int]:
+        """(world size, worker slots per rank, batch size): what the cut of an epoch depends on besides the data."""
+        return self.world_size, self.layout.K, self.batch_size
+
+    @property
+    def offset(self) -> int:
+        """Batches per rank the current epoch consumed under earlier topologies (0 without an elastic resume)."""
+        return sum(h.batches for h in self.hops)
+
+    def plan(self, epoch: Optional[int] = None, hops: Optional[Sequence[Hop]] = None):
+        """How ``epoch`` is cut over this stream's slots after ``hops`` (default: the current epoch and hops)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        hops = self.hops if hops is None else tuple(hops)
+        key = (epoch, hops)
+        if key not in self._plans:
+            if len(self._plans) > 8:
+                self._plans.clear()
+            plan = None
+            for hop in hops:
+                if plan is None:
+                    plan = _LayoutPlan(self, epoch, StreamLayout(self.sources, world_size=hop.world_size,
+                                                                 num_workers=hop.workers, batch_size=hop.batch_size))
+                else:
+                    plan = _RemainderPlan(plan, prev.batches, hop.world_size, hop.workers, hop.batch_size)
+                prev = hop
+            if plan is None:
+                plan = _LayoutPlan(self, epoch, self.layout)
+            else:
+                plan = _RemainderPlan(plan, prev.batches, self.world_size, self.layout.K, self.batch_size)
+            self._plans[key] = plan
+        return self._plans[key]
+
     def __len__(self) -> int:
-        """Batches per rank per epoch (the same on every rank)."""
-        return self.layout.batches_per_rank
+        """Batches per rank in the current epoch (the same on every rank): the layout's, or after an elastic resume
+        the batches consumed before it plus the remainder's."""
+        return self.epoch_length(self.epoch, self.hops)
+
+    def epoch_length(self, epoch: int, hops: Sequence[Hop] = ()) -> int:
+        """Batches per rank of ``epoch`` after ``hops``, counted from the epoch's start."""
+        if not hops:
+            return self.layout.batches_per_rank
+        plan = self.plan(epoch, hops)
+        return sum(h.batches for h in hops) + plan.batches_per_worker * plan.K
 
     @property
     def fingerprint(self) -> int:
         """Everything the sample order depends on, except epoch and rank."""
         return stable_hash("vlp-stream/1", self.seed, self.world_size, self.layout.K, self.batch_size, self.resampled,
-                           tuple((s.name, s.weight, s.sizes, tuple(os.path.basename(p) for p in s.shards))
-                                 for s in self.sources))  # not the directory: moved data still resumes exactly
+                           self._sources_key())
+
+    @property
+    def data_fingerprint(self) -> int:
+        """What the samples of an epoch depend on (not how they are cut over ranks, workers and batches): a position
+        with the same data fingerprint resumes exactly on any topology (elastic resume)."""
+        return stable_hash("vlp-stream-data/1", self.seed, self.resampled, self._sources_key())
+
+    def _sources_key(self) -> tuple:
+        # not the directory: moved data still resumes exactly
+        return tuple((s.name, s.weight, s.sizes, tuple(os.path.basename(p) for p in s.shards)) for s in self.sources)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start_batch = int(epoch), 0
+        self.epoch, self.start_batch, self.hops = int(epoch), 0, ()
 
     def state_dict(self, batches: Optional[int] = None) -> dict:
         return {"epoch": self.epoch, "batches": self.start_batch if batches is None else int(batches),
                 "batches_per_rank": len(self), "fingerprint": self.fingerprint,
+                "data_fingerprint": self.data_fingerprint, "topology": list(self.topology),
+                "hops": [h.as_list() for h in self.hops],
                 "world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Start the next iteration at ``state["batches"]`` batches into epoch ``state["epoch"]``.
-
-        A state saved under another world size / worker count / batch size / data cannot be continued exactly: the
-        stream then starts at the same *fraction* of the epoch, with a warning.
-        """
-        self.epoch, self.start_batch = int(state["epoch"]), int(state["batches"])
-        if "fingerprint" in state and state["fingerprint"] != self.fingerprint:
-            old = max(1, int(state.get("batches_per_rank") or 1))
-            self.start_batch = min(len(self), self.start_batch * len(self) // old)
-            warnings.warn(
-                f"data stream: the checkpoint's stream position was saved with world_size={state.get('world_size')}, "
-                f"num_workers={state.get('num_workers')}, batch_size={state.get('batch_size')} (or other data); now "
-                f"world_size={self.world_size}, num_workers={self.num_workers}, batch_size={self.batch_size}. Exact "
-                f"resume is impossible; continuing epoch {self.epoch} at batch {self.start_batch} of {len(self)} "
-                "(the same fraction), so some samples of this epoch may repeat or be skipped.",
-                stacklevel=2,
-            )
+        """Start the next iteration at ``state["batches"]`` batches into epoch ``state["epoch"]``: exactly, also
+        when the state was saved under another topology over the same data (:func:`resume_position`)."""
+        self.epoch, self.start_batch, self.hops = resume_position(self, state)
 
     # -- iteration ---------------------------------------------------------------------------------------------------
     def _worker(self) -> int:
@@ -580,30 +700,80 @@ class ShardStream(IterableDataset):
         return info.id
 
     def __iter__(self):
-        return self._batches(self.epoch, self.start_batch)  # position captured now, not at the first next()
+        # position captured now, not at the first next()
+        return self._batches(self.epoch, self.start_batch, self.hops)
 
-    def _batches(self, epoch: int, p: int):
-        lay = self.layout
-        K, B = lay.K, lay.batch_size
+    def _batches(self, epoch: int, p: int, hops: tuple[Hop, ...] = ()):
+        plan = self.plan(epoch, hops)
+        K, B = self.layout.K, self.batch_size
+        offset = sum(h.batches for h in hops)
+        p = max(0, p - offset)  # batches of this plan already consumed
         worker = (self._worker() + p) % K  # logical worker: keeps the round-robin order across a resume
         done = consumed_by_worker(worker, p, K)
         reader = ShardReader()
         counter = CorruptCounter(self.max_corrupt_ratio, self.corrupt_min_samples,
                                  where=f" by worker {worker} of rank {self.rank} in epoch {epoch}")
-        walker = _SlotWalker(self, epoch, lay.slot(self.rank, worker), reader, counter)
+        walker = plan.walker(self.layout.slot(self.rank, worker), reader, counter)
         walker.seek(done * B)
+        hop_list = [h.as_list() for h in hops]
         try:
-            for b in range(done, lay.batches_per_worker):
+            for b in range(done, plan.batches_per_worker):
                 seen0, corrupt0, counts0 = counter.seen, counter.corrupt, counter.counts.copy()
                 batch = self.collate([walker.next() for _ in range(B)])
                 batch["n_seen"] = counter.seen - seen0
                 batch["n_corrupt"] = counter.corrupt - corrupt0
                 batch["sample_counts"] = nested_counts(counter.counts - counts0)
                 batch["stream_state"] = {"epoch": epoch, "rank": self.rank, "worker": worker, "batch": b,
-                                         "index": b * K + worker}
+                                         "index": offset + b * K + worker, "hops": hop_list}
                 yield batch
         finally:
             reader.close()
+
+
+def resume_position(stream: ShardStream, state: dict, warn: bool = True) -> tuple[int, int, tuple[Hop, ...]]:
+    """Where ``stream`` continues from a saved position: ``(epoch, start batch, hops)``.
+
+    ``state``: ``epoch``, ``batches`` (consumed per rank in the epoch) and, when saved by this version,
+    ``batches_per_rank`` (the epoch's length then), the fingerprints, ``topology`` and ``hops`` of the run that saved
+    it. Same topology: continue. Another topology over the same data: elastic resume (the module docstring), which
+    adds a hop. Other data (or a state without fingerprints of the data): the same fraction of the epoch, with a
+    warning. A position at the end of its epoch continues at the start of the next one.
+    """
+    epoch, batches = int(state["epoch"]), int(state["batches"])
+    hops = tuple(Hop(*h) for h in state.get("hops") or ())
+    saved_length = state.get("batches_per_rank")
+    fingerprint = state.get("fingerprint")
+    if fingerprint is None or fingerprint == stream.fingerprint:
+        length = stream.epoch_length(epoch, hops)
+    elif saved_length is not None and batches >= int(saved_length):
+        length = batches  # the epoch was over under the old topology: nothing of it is left
+    elif state.get("data_fingerprint") == stream.data_fingerprint and state.get("topology") is not None:
+        topology = state["topology"]
+        hops = hops + (Hop(*topology, batches - sum(h.batches for h in hops)),)
+        length = stream.epoch_length(epoch, hops)
+        if warn:
+            plan = stream.plan(epoch, hops)
+            note = (f"; {plan.dropped} sample(s) of the epoch's remainder do not fill a whole step on every rank "
+                    "and are dropped" if plan.dropped else "")
+            warnings.warn(
+                f"data stream: elastic resume of epoch {epoch} from world_size={topology[0]} x {topology[1]} worker "
+                f"slot(s) x batch_size={topology[2]} onto world_size={stream.world_size} x {stream.layout.K} x "
+                f"batch_size={stream.batch_size}: the samples no rank has consumed yet are spread over the new ranks "
+                f"({length - batches} batches per rank), none repeated{note}.", stacklevel=3)
+    else:
+        length = stream.layout.batches_per_rank
+        old = max(1, int(saved_length or 1))
+        batches, hops = min(length, batches * length // old), ()
+        if warn:
+            warnings.warn(
+                f"data stream: the checkpoint's position was saved over other data (sources, weights, seed or "
+                f"sampling) or by an older version (world_size={state.get('world_size')}, "
+                f"num_workers={state.get('num_workers')}, batch_size={state.get('batch_size')}); exact resume is "
+                f"impossible. Continuing epoch {epoch} at the same fraction ({batches}/{length} batches): some "
+                "samples of this epoch may repeat or be skipped.", stacklevel=3)
+    if batches >= length:
+        return epoch + 1, 0, ()
+    return epoch, batches, hops
 
 
 class ShardEvalStream(IterableDataset):

@@ -52,6 +52,7 @@ class PeakFlops(NamedTuple):
 
     flops: float
     source: str
+    measured: bool = False  # timed on this machine (CPU), not a datasheet figure: it can only be too low
 
 
 # -- counting ---------------------------------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def peak_flops(device: torch.device | str, precision: str, device_name: Optional
     if device.type == "cpu":
         threads = torch.get_num_threads()
         return PeakFlops(cpu_peak_flops(_DTYPES[dtype]),
-                         f"cpu {dtype} matmul measured, {threads} thread{'s' if threads > 1 else ''}")
+                         f"cpu {dtype} matmul measured, {threads} thread{'s' if threads > 1 else ''}", measured=True)
     if device.type == "cuda":
         name = device_name or torch.cuda.get_device_name(device)
         found = gpu_peak_flops(name, dtype)

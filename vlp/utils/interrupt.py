@@ -10,10 +10,17 @@ the run directory stays a resumable, unfinished run.
 Loader workers ignore SIGINT (``vlp.utils.stalls.WorkerInit``): a terminal sends Ctrl-C to the whole process group,
 and a worker ended by it makes torch report "DataLoader worker exited unexpectedly" on top of the interrupt; the
 main process stops them itself.
+
+Python raises a Ctrl-C's ``KeyboardInterrupt`` wherever the main thread is when its handler runs; inside a
+``__del__`` or a garbage-collector callback it is printed as "Exception ignored" and lost, and training would go on.
+:func:`ctrl_c_guard` (a callback of every training run) remembers the signal as well and raises it again at the next
+batch boundary, so a Ctrl-C stops training within one step whatever it interrupted.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Optional
 
 
@@ -50,4 +57,42 @@ def newest_checkpoint_step(run_dir) -> Optional[int]:
     return found.global_step if found is not None else None
 
 
-__all__ = ["RunInterrupted", "is_ctrl_c", "newest_checkpoint_step"]
+def ctrl_c_guard():
+    """A Lightning callback: during ``fit`` SIGINT raises ``KeyboardInterrupt`` as Python's own handler does, and
+    one that got lost where it landed is raised again at the next batch start or end (module docstring)."""
+    import lightning as L
+
+    class CtrlCGuard(L.Callback):
+        def __init__(self):
+            self.pending = False
+            self._previous = None
+
+        def _on_sigint(self, signum, frame):
+            self.pending = True
+            raise KeyboardInterrupt
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            # only over Python's own handler: a user's (or a debugger's) is left alone
+            if (stage == "fit" and threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+                self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+        def teardown(self, trainer, pl_module, stage: str) -> None:
+            if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+        def _check(self) -> None:
+            if self.pending:
+                raise KeyboardInterrupt
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._check()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._check()
+
+    return CtrlCGuard()
+
+
+__all__ = ["RunInterrupted", "ctrl_c_guard", "is_ctrl_c", "newest_checkpoint_step"]

@@ -24,9 +24,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 
-from lightning.pytorch.callbacks import Checkpoint
+from vlp.utils.graceful_stop import SaveAtStepEnd
 
 __all__ = ["Preempted", "SlurmRequeue", "cluster_plugins", "job_id", "requeue", "requeue_callbacks", "under_slurm"]
 
@@ -78,55 +77,23 @@ class Preempted(SystemExit):
     resumes from the same checkpoint)."""
 
 
-class SlurmRequeue(Checkpoint):
+class SlurmRequeue(SaveAtStepEnd):
     """On SIGUSR1 (SLURM's ``--signal``): at the end of the next optimizer step save it with ``checkpoint`` (the
-    run's ``RunCheckpoint``), requeue the job from global rank 0, and exit every rank with :class:`Preempted`.
+    run's ``RunCheckpoint``), requeue the job from global rank 0, and exit every rank with :class:`Preempted`
+    (``vlp.utils.graceful_stop.SaveAtStepEnd``: why at the step end, and how the ranks agree). Put it after the
+    checkpoint callback. A signal during the final evaluation requeues at once (a requeued ``vlp pretrain`` does
+    only that evaluation)."""
 
-    A ``Checkpoint`` subclass only for its place: Lightning runs checkpoint callbacks after all others, in list
-    order, so this one sees the step's final callback state and the periodic save ``checkpoint`` may just have made
-    of the same step (then nothing is saved twice). The handler is installed in ``setup`` (Lightning's signal
-    connector leaves SIGUSR1 alone with ``auto_requeue=False``) and stays installed after ``fit``: a signal during
-    the final evaluation requeues at once (a requeued ``vlp pretrain`` does only that evaluation).
-    """
+    keep_after_fit = True
 
     def __init__(self, checkpoint, signum: int = signal.SIGUSR1):
-        self.checkpoint, self.signum = checkpoint, signum
-        self.requested = False  # the signal arrived (on this rank)
-        self._step = None  # global_step at the last batch end seen: an optimizer step ends when it changes
-        self._trained = False  # fit is over: nothing left to save
-        self._global_zero = False
+        super().__init__(checkpoint, signum)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self._global_zero = trainer.is_global_zero
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        """Only record it: saving from here would save whatever half-done step the main thread is in."""
-        self.requested = True
-        if self._trained and self._global_zero:
+    def after_training(self) -> None:
+        if self._global_zero:
             requeue(job_id())
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._step = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step:  # inside an accumulation window: no optimizer step yet
-            return
-        self._step = trainer.global_step
-        # Every rank reaches every step end, so this collective is matched; any rank's signal stops them all.
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            self._preempt(trainer)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        """Training ended without a step end seeing the signal: if it came since, requeue now (no collective: the
-        ranks may disagree here; the final checkpoint is written and the requeued job only evaluates)."""
-        self._trained = True
-        if self.requested and self._global_zero:
-            requeue(job_id())
-
-    def _preempt(self, trainer) -> None:
-        self.checkpoint._save_final(trainer)  # this step as a periodic checkpoint + last.ckpt (unless just saved)
+    def stop(self, trainer) -> None:
         code = 0
         if trainer.is_global_zero:
             job, step = job_id(), trainer.global_step

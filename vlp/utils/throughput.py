@@ -35,6 +35,7 @@ batches may differ by a few tokens. With ``trainer.gradient_checkpointing`` the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import NamedTuple, Optional
@@ -44,7 +45,9 @@ import torch
 
 from vlp.utils.flops import FlopCount, PeakFlops, peak_flops
 
-__all__ = ["THROUGHPUT_KEYS", "ThroughputMonitor", "batch_samples", "batch_tokens", "rates"]
+log = logging.getLogger(__name__)
+
+__all__ = ["THROUGHPUT_KEYS", "ThroughputMonitor", "attainable_peak", "batch_samples", "batch_tokens", "rates"]
 
 # Wall-clock figures: they differ between any two runs, so exact run comparisons (bitwise resume) must leave them out.
 THROUGHPUT_KEYS = ("train/samples_per_s", "train/tokens_per_s", "train/tflops_per_s", "train/mfu",
@@ -123,6 +126,20 @@ class StepRecord(NamedTuple):
     samples: int
     tokens: Optional[torch.Tensor]
     flops: Optional[int]
+
+
+def attainable_peak(peak: PeakFlops, achieved: float) -> PeakFlops:
+    """The peak to use after a window achieved ``achieved`` FLOP/s above ``peak``. A measured (CPU) peak is a timing:
+    taken while the machine was busy it reads low, and what training achieved is attainable, so it becomes the peak
+    (said once). A datasheet peak stays: beating it means the FLOPs are miscounted, which MFU > 1 shows."""
+    if not peak.measured or achieved <= peak.flops:
+        return peak
+    note = ", raised to an achieved rate"
+    if not peak.source.endswith(note):
+        log.warning("train/mfu: the measured %s peak (%.3g FLOP/s) is below what training achieved (%.3g): the "
+                    "machine was busy when it was measured; using the achieved rate as the peak", peak.source,
+                    peak.flops, achieved)
+    return peak._replace(flops=achieved, source=peak.source.removesuffix(note) + note)
 
 
 def rates(records: list[StepRecord], world_size: int = 1, peak: Optional[float] = None) -> dict:
@@ -220,6 +237,10 @@ class ThroughputMonitor(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = rates(list(self._records), trainer.world_size, self.peak.flops if self.peak else None)
+        achieved = values.get("train/tflops_per_s", 0.0) * 1e12
+        if self.peak is not None and achieved > self.peak.flops:
+            self.peak = attainable_peak(self.peak, achieved)
+            values["train/mfu"] = achieved / self.peak.flops
         if pl_module.device.type == "cuda":
             values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2 ** 30
         for key, value in values.items():
