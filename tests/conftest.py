@@ -35,10 +35,12 @@ def _signal_handlers():
 
     names = ("SIGINT", "SIGTERM", "SIGUSR1")
     before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield
     for name, handler in before.items():
         if handler is not None and signal.getsignal(getattr(signal, name)) is not handler:
             signal.signal(getattr(signal, name), handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @pytest.fixture(scope="module")

@@ -402,6 +402,38 @@ def test_mlm_on_masked_positions_only_is_the_same_loss_and_image_states_are_reus
     assert labels.sum() == 4  # half the pairs keep their image
 
 
+def test_hard_itm_negatives_come_from_the_itc_similarities_of_the_batch():
+    """``itm_negatives=local-hard`` (the official ITC variant): 1 positive + 2 negatives per pair, the negatives
+    drawn from softmax of the ITC similarities; a pair whose ITC puts all its mass on one candidate always gets
+    that one; candidates of the same image id never; without ITC the config is refused."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(itm_negatives="local-hard", loss_weights={"mlm": 1.0, "itm": 1.0, "itc": 1.0})
+    model = BridgeTower(cfg).eval()
+    data = batch()
+    data["image_ids"] = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])  # pairs 0 and 1 show the same image
+    with torch.no_grad():
+        out = model.pretrain_outputs(data, generator=torch.Generator().manual_seed(0))
+    assert out["itm_logits"].shape == (24, 2) and out["itm_labels"].tolist() == [1] * 8 + [0] * 16
+    # the pairs the model scored are the triplets of what sample_negatives draws from the same similarities
+    from vlp.losses.matching import itm_triplets, sample_negatives
+
+    with torch.no_grad():
+        image_layers = model.image_layers(data["image"])
+        text_layers = model.text_layers(data["input_ids"], data["attention_mask"])
+        sim = model.itc_image_head(image_layers[-1][:, 0]) @ model.itc_text_head(text_layers[-1][:, 0]).T
+        sim = sim / model.itc_temp()
+        neg_img, neg_txt = sample_negatives(sim, sim.T, "local-hard", image_ids=data["image_ids"],
+                                            generator=torch.Generator().manual_seed(0))
+        image_index, text_index, _ = itm_triplets(neg_img, neg_txt)
+        feats = model.cross_modal_forward([v[image_index] for v in image_layers],
+                                          [t[text_index] for t in text_layers], data["attention_mask"][text_index])
+        expected = model.itm_head(model.cls_feats(*feats))
+    torch.testing.assert_close(out["itm_logits"], expected)
+    assert not {int(neg_img[0]), int(neg_img[1]), int(neg_txt[0]), int(neg_txt[1])} & {0, 1}  # same image id
+    with pytest.raises(ValueError, match="needs loss_weights.itc > 0"):
+        tiny_cfg(itm_negatives="local-hard", loss_weights={"mlm": 1.0, "itm": 1.0, "itc": 0.0})
+
+
 def test_bridged_layers_are_the_top_k_and_meter_reads_only_the_top_layer():
     data = batch(b=2)
     for bridge, expected in (("add", [1, 2]), ("none", [2])):

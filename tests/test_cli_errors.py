@@ -234,6 +234,14 @@ def _corrupted_copy(shards: Path, out: Path, n: int = 48) -> Path:
 
 
 # -- Ctrl-C ----------------------------------------------------------------------------------------------------------
+def _as_from_a_shell() -> None:
+    """In the child before exec: SIGINT as a terminal's shell starts a foreground command (default action, not
+    blocked), whatever this test process inherited (a process started with SIGINT ignored -- a background job --
+    rightly never sees Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_names_the_step_and_the_checkpoint_exits_130_and_evaluates_nothing(shapes_shards, tmp_path):
     """A real ``vlp pretrain`` with 2 loader workers over shards holding 3 corrupt samples; after its first epoch
     (6 steps) it prints the skipped samples by reason, and SIGINT to its process group (a terminal's Ctrl-C)
@@ -250,8 +258,9 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_exits_130_and_evaluates_nothin
     run = tmp_path / "tcl"
     log = tmp_path / "out.txt"
     with log.open("wb") as out:
+        inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
         proc = subprocess.Popen(vlp_command("pretrain", str(exp)), cwd=ROOT, env=subprocess_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_as_from_a_shell)
         target, deadline = run / "checkpoints" / "step0000009.ckpt", time.time() + 240
         try:
             while not target.exists():
@@ -265,7 +274,7 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_exits_130_and_evaluates_nothin
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     text = log.read_text()
-    assert rc == 130, text[-3000:]
+    assert rc == 130, f"(this process's SIGINT handler and mask: {inherited})\n{text[-3000:]}"
     found = select_checkpoint(run, set_aside_damaged=False)
     assert found is not None and 9 <= found.global_step < 1000
     stops = [line for line in text.splitlines() if line.startswith("stopped by Ctrl-C")]

@@ -77,7 +77,7 @@ from vlp.data.questions import QuestionRows, pick_questions, question_index
 from vlp.data.regions import load_regions, pad_regions
 from vlp.data.stream import CorruptSample, stable_hash
 from vlp.data.text import TextTokenizer
-from vlp.data.transforms import normalize_uint8_batch, swap_left_right
+from vlp.data.transforms import is_lazy_jpeg, normalize_uint8_batch, swap_left_right
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _INT63 = (1 << 63) - 1
@@ -94,11 +94,18 @@ def stable_image_id(image_id) -> int:
 
 
 def decode_image(key: str, data: bytes):
-    """webdataset decoder handler: image bytes -> PIL RGB (one decode, at most one conversion; webdataset's own
-    ``ImageHandler("pilrgb")`` converts twice)."""
+    """webdataset decoder handler: image bytes -> PIL image (one decode, at most one conversion; webdataset's own
+    ``ImageHandler("pilrgb")`` converts twice).
+
+    An RGB JPEG is returned opened but not decoded (the header read: size known, the file checked to be a JPEG):
+    ``vlp.data.transforms.ImageTransform`` decodes it once, at the DCT scale its crop needs (``data.jpeg_draft``);
+    anything else that reads its pixels (``np.asarray``, a torchvision transform) decodes it in full, as before.
+    Other images (PNG, WebP, grayscale or CMYK JPEGs, so that every consumer still gets RGB) are decoded here."""
     if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTS:
         return None
     img = Image.open(io.BytesIO(data))
+    if img.mode == "RGB" and is_lazy_jpeg(img):
+        return img
     if img.mode == "RGB":
         img.load()
         return img
@@ -196,9 +203,10 @@ class SampleProcessor:
     """Raw shard sample -> ``{key[, image][, image_aug], caption, captions, image_id, seed, flipped[, region_*]}``
     (VQA: ``{key[, image], image_id, flipped, questions[, region_*]}``).
 
-    ``decode`` (webdataset's decoder: images to PIL RGB, ``json``, ``regions.npz``) is the only place where bytes
-    are decoded, so a caller can count decodes; it decodes only the members the model reads (no image with
-    ``images=False``). Raises on any problem with the sample; the stream counts it as corrupt.
+    ``decode`` (webdataset's decoder: images to PIL, ``json``, ``regions.npz``) is the only place where members are
+    decoded, so a caller can count decodes; it decodes only the members the model reads (no image with
+    ``images=False``). A JPEG comes out of it opened, and its pixels are decoded by the transform, at the scale
+    the crop needs (``decode_image``). Raises on any problem with the sample; the stream counts it as corrupt.
     """
 
     def __init__(self, transform, *, seed: int = 0, caption: str = "random", hflip: bool = False,
@@ -239,8 +247,12 @@ class SampleProcessor:
         """``image[, image_aug], flipped`` and the ``region_*`` tensors of a decoded sample."""
         out: dict = {"flipped": False}
         if self.views is not None:
-            image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
-            view, view2, out["flipped"] = self.views(image, stable_hash(base, "image"), allow_flip)
+            ext = next(ext for ext in IMAGE_EXTS if ext in sample)
+            try:
+                view, view2, out["flipped"] = self.views(sample[ext], stable_hash(base, "image"), allow_flip)
+            except (OSError, SyntaxError) as e:  # a JPEG's pixels are decoded only here, by the transform
+                raise CorruptSample(f"sample {key}: image member {ext!r} does not decode ({e})",
+                                    reason="bad_image") from e
             out["image"] = view
             if view2 is not None:
                 out["image_aug"] = view2

@@ -55,6 +55,10 @@ class ShardsDataConfig:
     resize: str = "square"  # eval / augment=none resize: square | short_side_crop (BridgeTower: short side + crop)
     augment: str = "none"  # none | albef | tcl (see vlp.data.transforms)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale=(crop_min_scale, 1): 0.2 pre-training, 0.5 fine-tuning
+    # Decode a JPEG at DCT scale 1/2, 1/4 or 1/8 when its crop (or the eval resize's region) keeps >= image_size
+    # pixels per side at that scale (vlp.data.transforms): same crops and seeds, only the resampling differs slightly;
+    # false: the full decode, byte-identical to before.
+    jpeg_draft: bool = True
     hflip: bool = False  # captions speak of left and right: off by default
     two_views: bool = False  # a second independently augmented view (TCL's momentum input)
     normalize: str = "clip"  # clip | imagenet

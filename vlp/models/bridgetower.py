@@ -66,7 +66,7 @@ from vlp.config import OptimConfig
 from vlp.losses.contrastive import Temperature, info_nce
 from vlp.data.masking import MaskingConfig
 from vlp.data.visual import Visual
-from vlp.losses.matching import itm_loss, swap_images_for_itm
+from vlp.losses.matching import itm_loss, itm_triplets, sample_negatives, swap_images_for_itm
 from vlp.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp.models.base import (Encoded, Fused, PretrainModule, RetrievalProtocol, Step, Text, example_pixels,
                              example_text)
@@ -102,6 +102,10 @@ class BridgeTowerConfig:
     mlm_ln_eps: float = 1e-12  # the MLM head's transform LayerNorm
     attn_implementation: str = "sdpa"  # sdpa | eager, for the cross-modal layers
     itc_embed_dim: int = 256  # ITC heads are built when loss_weights.itc > 0
+    # ITM negatives: "random" (the paper's pre-training: half the pairs get a uniformly drawn image) or "local-hard"
+    # (the official ITC variant, task_mlm_itm_itc_hard: 1 positive + 2 negatives per pair drawn from the ITC
+    # similarities of this rank's batch; needs ITC)
+    itm_negatives: str = "random"
     temp: float = 0.07
     num_answers: int = 0  # VQA classes (3129 for VQAv2); 0: no VQA head
     vqa_hidden_scale: int = 2  # VQA head: Linear(2H, 2H * scale), LayerNorm, GELU, Linear(2H * scale, answers)
@@ -128,6 +132,11 @@ class BridgeTowerConfig:
                              "(num_cross_layers)")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        if self.itm_negatives not in ("random", "local-hard"):
+            raise ValueError(f"itm_negatives must be random or local-hard, got {self.itm_negatives!r}")
+        if self.itm_negatives == "local-hard" and not self.loss_weights.get("itc", 0) > 0:
+            raise ValueError("itm_negatives=local-hard draws the negatives from the ITC similarities: it needs "
+                             "loss_weights.itc > 0")
         unknown = set(self.loss_weights) - set(_LOSSES)
         if unknown:
             raise ValueError(f"loss_weights: unknown losses {sorted(unknown)}; BridgeTower has {', '.join(_LOSSES)}")
@@ -311,30 +320,42 @@ class BridgeTower(PretrainModule):
             out["mlm"] = mlm_loss(logits, targets)
             out["mlm_logits"], out["mlm_targets"] = logits, targets
 
-        if self.enabled("itm"):
-            if "itm_image_index" in batch:
-                index, itm_labels = batch["itm_image_index"], batch["itm_labels"]
-            else:
-                index, itm_labels = swap_images_for_itm(image.shape[0], batch.get("image_ids"), generator,
-                                                        device=image.device)
-            if self.cfg.reuse_image_states:
-                itm_image_layers = [v[index] for v in image_layers]
-            else:
-                itm_image_layers = self.image_layers(image[index])
-            clean_text_layers = self.text_layers(ids, mask)
-            text_feats, image_feats = self.cross_modal_forward(itm_image_layers, clean_text_layers, mask)
-            logits = self.itm_head(self.cls_feats(text_feats, image_feats))
-            out["itm"] = itm_loss(logits, itm_labels)
-            out["itm_logits"], out["itm_labels"] = logits, itm_labels
-
+        sim_i2t = None
         if self.enabled("itc"):
-            if clean_text_layers is None:
-                clean_text_layers = self.text_layers(ids, mask)
+            clean_text_layers = self.text_layers(ids, mask)
             image_emb = self.itc_image_head(image_layers[-1][:, 0])
             text_emb = self.itc_text_head(clean_text_layers[-1][:, 0])
             temp = self.itc_temp()
             out["itc"] = (info_nce(image_emb, text_emb, temp, gather=True)
                           + info_nce(text_emb, image_emb, temp, gather=True)) / 2
+            sim_i2t = (image_emb @ text_emb.T / temp).detach()  # this rank's block: what hard negatives come from
+
+        if self.enabled("itm"):
+            text_index = None
+            if "itm_image_index" in batch:
+                image_index, itm_labels = batch["itm_image_index"], batch["itm_labels"]
+            elif self.cfg.itm_negatives == "local-hard":
+                # the official ITC variant: each pair, a negative image for its text and a negative text for its
+                # image, drawn from softmax of the ITC similarities (same-id candidates excluded)
+                neg_img, neg_txt = sample_negatives(sim_i2t, sim_i2t.T, "local-hard", image_ids=batch.get("image_ids"),
+                                                    generator=generator)
+                image_index, text_index, itm_labels = itm_triplets(neg_img, neg_txt)
+            else:
+                image_index, itm_labels = swap_images_for_itm(image.shape[0], batch.get("image_ids"), generator,
+                                                              device=image.device)
+            if self.cfg.reuse_image_states:
+                itm_image_layers = [v[image_index] for v in image_layers]
+            else:
+                itm_image_layers = self.image_layers(image[image_index])
+            if clean_text_layers is None:
+                clean_text_layers = self.text_layers(ids, mask)
+            itm_text_layers, itm_mask = clean_text_layers, mask
+            if text_index is not None:
+                itm_text_layers, itm_mask = [t[text_index] for t in clean_text_layers], mask[text_index]
+            text_feats, image_feats = self.cross_modal_forward(itm_image_layers, itm_text_layers, itm_mask)
+            logits = self.itm_head(self.cls_feats(text_feats, image_feats))
+            out["itm"] = itm_loss(logits, itm_labels)
+            out["itm_logits"], out["itm_labels"] = logits, itm_labels
         return out
 
     def step(self, batch: dict) -> Step:
