@@ -138,7 +138,14 @@ def _npz(n: int, labels: bool = True, c: int = 3) -> dict:
 
 def test_load_regions_checks_shapes_and_reads_labels():
     r = load_regions(_npz(3), "k")
-    assert r["region_features"].dtype == torch.float32 and r["region_features"].shape == (3, 2)
+    # fp16 as stored per sample; the batch is float32 with the same values (converted once, while padding)
+    assert r["region_features"].dtype == torch.float16 and r["region_features"].shape == (3, 2)
+    padded = pad_regions([r, load_regions(_npz(2), "k2")])
+    assert padded["region_features"].dtype == torch.float32 and padded["region_cls_prob"].dtype == torch.float32
+    assert torch.equal(padded["region_features"][0], torch.from_numpy(_npz(3)["features"].astype(np.float32)))
+    assert padded["region_features"][1, 2].abs().sum() == 0 and padded["region_mask"].tolist() == [[True] * 3,
+                                                                                                   [True, True, False]]
+    assert load_regions({**_npz(2), "features": np.ones((2, 2), np.int64)})["region_features"].dtype == torch.float32
     assert r["region_boxes"].shape == (3, 4) and r["region_cls_prob"].shape == (3, 3)
     assert r["region_labels"] == ["o0", "o1", "o2"]
     assert "region_labels" not in load_regions(_npz(3, labels=False))
@@ -187,3 +194,38 @@ def test_question_rows_soft_targets_and_image_map(tok):
         parse_question("s", {"question_id": 5, "question": "q?", "labels": [4], "scores": [1.0]}, 4)
     with pytest.raises(ValueError, match="num_answers >= 1"):
         QuestionRows(None, 0)
+
+
+def test_read_npz_equals_np_load_checks_crc_and_falls_back_for_compressed_members(monkeypatch):
+    import io
+
+    from vlp.data import regions as regions_lib
+    from vlp.data.regions import read_npz
+
+    fallbacks = []
+    np_load = regions_lib._np_load
+    monkeypatch.setattr(regions_lib, "_np_load", lambda data: fallbacks.append(1) or np_load(data))
+
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.standard_normal((5, 7)).astype(np.float16), "boxes": rng.random((5, 4)).astype(np.float32),
+              "labels": np.array(["ball", "cube", "a", "b", "c"]), "scalar": np.array(3.5),
+              "fortran": np.asfortranarray(rng.random((3, 4)))}
+    for save in (np.savez, np.savez_compressed):
+        buf = io.BytesIO()
+        save(buf, **arrays)
+        got = read_npz(buf.getvalue())
+        assert sorted(got) == sorted(arrays)
+        for k, v in arrays.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v), (save, k)
+        got["features"][0, 0] = 1  # writable (torch.from_numpy needs it)
+        assert len(fallbacks) == (save is np.savez_compressed)  # stored members: the fast path, zip64 and all
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    damaged = bytearray(buf.getvalue())
+    damaged[damaged.find(arrays["features"].tobytes()) + 9] ^= 0x10  # one bit inside the features' data
+    with pytest.raises(ValueError, match="features.npy: CRC-32 mismatch"):
+        read_npz(bytes(damaged))
+    buf = io.BytesIO()
+    np.savez(buf, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="object arrays"):
+        read_npz(buf.getvalue())

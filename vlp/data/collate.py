@@ -74,7 +74,7 @@ from PIL import Image
 from vlp.data.concepts import PhraseRows, TagRows, caption_phrases
 from vlp.data.masking import Masker, MaskingConfig
 from vlp.data.questions import QuestionRows, pick_questions, question_index
-from vlp.data.regions import load_regions, pad_regions
+from vlp.data.regions import load_regions, npz_handler, pad_regions
 from vlp.data.stream import CorruptSample, stable_hash
 from vlp.data.text import TextTokenizer
 from vlp.data.transforms import is_lazy_jpeg, normalize_uint8_batch, swap_left_right
@@ -228,7 +228,7 @@ class SampleProcessor:
         self.task, self.num_answers, self.all_questions = task, num_answers, all_questions
         self.phrases = phrases
         wanted = ["json"] + (list(IMAGE_EXTS) if images else []) + (["regions.npz"] if regions else [])
-        self.decoder = wds.autodecode.Decoder([decode_image], only=wanted)
+        self.decoder = wds.autodecode.Decoder([decode_image, npz_handler], only=wanted)
 
     def decode(self, raw: dict) -> dict:
         return self.decoder(raw)
