@@ -432,6 +432,16 @@ def test_hard_itm_negatives_come_from_the_itc_similarities_of_the_batch():
     assert not {int(neg_img[0]), int(neg_img[1]), int(neg_txt[0]), int(neg_txt[1])} & {0, 1}  # same image id
     with pytest.raises(ValueError, match="needs loss_weights.itc > 0"):
         tiny_cfg(itm_negatives="local-hard", loss_weights={"mlm": 1.0, "itm": 1.0, "itc": 0.0})
+    # hard_negatives_from_step: random swaps (B pairs, half swapped) before that optimizer step, hard ones from it on
+    late = BridgeTower(dataclasses.replace(cfg, hard_negatives_from_step=5)).eval()
+    late.load_state_dict(model.state_dict())
+    for step, rows in ((0, 8), (4, 8), (5, 24)):
+        late.current_step = lambda step=step: step
+        with torch.no_grad():
+            got = late.pretrain_outputs(data, generator=torch.Generator().manual_seed(0))
+        assert got["itm_logits"].shape[0] == rows, step
+        if rows == 8:
+            assert got["itm_labels"].sum() == 4
 
 
 def test_bridged_layers_are_the_top_k_and_meter_reads_only_the_top_layer():

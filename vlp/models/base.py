@@ -296,6 +296,10 @@ class PretrainModule(L.LightningModule):
     vqa_loss = staticmethod(vqa_bce_loss)
 
     # -- the model's own draws ---------------------------------------------------------------------------------------
+    def current_step(self) -> int:
+        """The optimizer step being trained (0 outside a Trainer): what step-dependent choices may depend on."""
+        return int(self.global_step) if self._trainer is not None else 0
+
     def step_generator(self, prefix: str, seed: int, *salt) -> torch.Generator:
         """A fresh CPU generator for one call's draws (negatives, picks, masks), seeded from ``(prefix, seed,
         global_step, rank, call within the step, *salt)``: a pure function of the run's position, so a resumed run
@@ -303,7 +307,7 @@ class PretrainModule(L.LightningModule):
         micro-batches of one accumulation window draw apart."""
         from vlp.data.stream import stable_hash
 
-        step = int(self.global_step) if self._trainer is not None else 0
+        step = self.current_step()
         last, count = getattr(self, "_draw_counter", (-1, 0))
         count = count + 1 if last == step else 0
         self._draw_counter = (step, count)

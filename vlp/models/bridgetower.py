@@ -106,6 +106,9 @@ class BridgeTowerConfig:
     # (the official ITC variant, task_mlm_itm_itc_hard: 1 positive + 2 negatives per pair drawn from the ITC
     # similarities of this rank's batch; needs ITC)
     itm_negatives: str = "random"
+    # local-hard only from this optimizer step on; random before (hard negatives drawn from an ITC that has not
+    # learned yet are random ones in a 1 : 2 layout whose class prior ITM settles on). 0: from the start.
+    hard_negatives_from_step: int = 0
     temp: float = 0.07
     num_answers: int = 0  # VQA classes (3129 for VQAv2); 0: no VQA head
     vqa_hidden_scale: int = 2  # VQA head: Linear(2H, 2H * scale), LayerNorm, GELU, Linear(2H * scale, answers)
@@ -334,7 +337,7 @@ class BridgeTower(PretrainModule):
             text_index = None
             if "itm_image_index" in batch:
                 image_index, itm_labels = batch["itm_image_index"], batch["itm_labels"]
-            elif self.cfg.itm_negatives == "local-hard":
+            elif self.cfg.itm_negatives == "local-hard" and self.current_step() >= self.cfg.hard_negatives_from_step:
                 # the official ITC variant: each pair, a negative image for its text and a negative text for its
                 # image, drawn from softmax of the ITC similarities (same-id candidates excluded)
                 neg_img, neg_txt = sample_negatives(sim_i2t, sim_i2t.T, "local-hard", image_ids=batch.get("image_ids"),
