@@ -559,8 +559,8 @@ class ShardDataModule(L.LightningDataModule):
         return self.position.seen
 
     def _position_stream(self, stream: ShardStream) -> None:
-        """Set the stream's epoch, start batch and elastic hops for the iteration that is about to begin, and keep
-        Lightning's idea of the epoch's length in step with it (an elastic resume changes it)."""
+        """Set the stream's epoch, start batch and elastic hops for the iteration that is about to begin (and keep
+        Lightning's idea of the epoch's length in step: ``_follow_epoch_length``)."""
         pos, trainer = self.position, self.trainer
         current = trainer.current_epoch if trainer is not None else (pos.epoch or 0)
         epoch, batches, hops = current, 0, ()
@@ -572,19 +572,12 @@ class ShardDataModule(L.LightningDataModule):
                 epoch, batches, hops = current, 0, ()
         stream.epoch, stream.start_batch, stream.hops = int(epoch), int(batches), tuple(hops)
         if trainer is not None:
-            self._follow_epoch_length(trainer, len(stream), elastic=bool(hops))
+            self._follow_epoch_length(trainer, elastic=bool(hops))
 
-    def _follow_epoch_length(self, trainer, length: int, elastic: bool) -> None:
-        """Tell Lightning's fit loop how many batches this epoch has. It reads the loader's length when it sets the
-        loader up, once, not per epoch; so its batch count follows the stream here, and the loader is rebuilt for
-        the epoch after an elastic one (whose length differs from a normal epoch's). ``limit_train_batches`` keeps
-        its meaning."""
-        fit_loop = getattr(trainer, "fit_loop", None)
-        if fit_loop is None:
-            return
-        if getattr(fit_loop, "max_batches", None) not in (None, float("inf")):  # (inf: not set up yet)
-            limit = trainer.limit_train_batches
-            fit_loop.max_batches = min(length, limit) if isinstance(limit, int) else int(length * limit)
+    def _follow_epoch_length(self, trainer, elastic: bool) -> None:
+        """Lightning reads the train loader's length when it sets the loader up (``train_dataloader``, which positions
+        the stream first, so an elastic epoch's length is the one it reads) and not again for later epochs; so the
+        loader is rebuilt for the epoch after an elastic one, whose length is a normal epoch's again."""
         if elastic and self._reload_every is None:
             self._reload_every = trainer.reload_dataloaders_every_n_epochs
             trainer.reload_dataloaders_every_n_epochs = 1

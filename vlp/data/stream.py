@@ -557,7 +557,7 @@ class _ChainWalker:
     def __init__(self, plan: _RemainderPlan, slot: int, reader: ShardReader, counter: CorruptCounter):
         self.plan, self.reader, self.counter = plan, reader, counter
         self.g = self.lo = plan.ranges[slot][0]
-        self._parent: Optional[tuple[int, Any]] = None  # (parent slot, its walker, positioned at self.g)
+        self._parent: Optional[tuple[int, Any]] = None  # (parent slot, its walker positioned at self.g)
 
     def seek(self, j: int) -> None:
         self.g, self._parent = self.lo + j, None
@@ -628,18 +628,13 @@ class ShardStream(IterableDataset):
         if key not in self._plans:
             if len(self._plans) > 8:
                 self._plans.clear()
-            plan = None
-            for hop in hops:
-                if plan is None:
-                    plan = _LayoutPlan(self, epoch, StreamLayout(self.sources, world_size=hop.world_size,
-                                                                 num_workers=hop.workers, batch_size=hop.batch_size))
-                else:
-                    plan = _RemainderPlan(plan, prev.batches, hop.world_size, hop.workers, hop.batch_size)
-                prev = hop
-            if plan is None:
-                plan = _LayoutPlan(self, epoch, self.layout)
-            else:
-                plan = _RemainderPlan(plan, prev.batches, self.world_size, self.layout.K, self.batch_size)
+            # each topology cuts what the previous one left after its consumed batches; the first is a plain layout
+            cuts = [(h.world_size, h.workers, h.batch_size) for h in hops] + [self.topology]
+            first = self.layout if not hops else StreamLayout(self.sources, world_size=cuts[0][0],
+                                                              num_workers=cuts[0][1], batch_size=cuts[0][2])
+            plan = _LayoutPlan(self, epoch, first)
+            for hop, (world_size, workers, batch_size) in zip(hops, cuts[1:]):
+                plan = _RemainderPlan(plan, hop.batches, world_size, workers, batch_size)
             self._plans[key] = plan
         return self._plans[key]
 
