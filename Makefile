@@ -190,6 +190,8 @@ bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; 
 	$(BIN)/python benchmarks/tcl_step.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/bridgetower_vs_transformers.py
+	$(BIN)/python benchmarks/bridgetower_vs_transformers.py --image-size 224 --text-len 40 --batch 8 \
+		--out benchmarks/results/bridgetower_vs_transformers_224px.json
 	$(BIN)/python benchmarks/worker_start.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/retrieval_cost.py

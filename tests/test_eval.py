@@ -258,15 +258,17 @@ def test_combine_max_is_elementwise_max_of_separate():
 def test_chunked_scorer_equals_unchunked(dedup):
     img, txt, _, _ = _embeddings(n_img=10, caps=3, seed=4)
     n_img, n_txt, k, chunk = 10, 30, 4, 7
-    calls_big, calls = [], []
+    calls_big, calls, totals = [], [], []
     big = retrieval_scores(img, txt, _pair_scorer(_distinct, calls_big), k=k, chunk=10**6, dedup=dedup)
-    small = retrieval_scores(img, txt, _pair_scorer(_distinct, calls), k=k, chunk=chunk, dedup=dedup)
+    small = retrieval_scores(img, txt, _pair_scorer(_distinct, calls), k=k, chunk=chunk, dedup=dedup,
+                             on_total=totals.append)
     assert torch.equal(big[0], small[0]) and torch.equal(big[1], small[1])
     sizes = [i.numel() for i, _ in calls]
     assert max(sizes) <= chunk and len(calls) > 1
     pairs = [(a, b) for i, t in calls for a, b in zip(i.tolist(), t.tolist())]
     pairs_big = [(a, b) for i, t in calls_big for a, b in zip(i.tolist(), t.tolist())]
     assert pairs == pairs_big  # chunking splits the same sequence of pairs
+    assert totals == [len(pairs)]  # announced once, before scoring: a progress bar's total
     if dedup:
         assert len(pairs) == len(set(pairs)) < n_img * k + n_txt * k
         assert pairs == sorted(pairs)  # grouped by image

@@ -224,3 +224,22 @@ def test_finetune_retrieval_of_a_pixel_model_writes_recall_and_resumes_bitwise(s
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     _check_results(run_b, "tcl", 4)
+
+
+def test_finetune_retrieval_overrides_the_paper_objective_field_by_field():
+    from vlp import config as config_lib
+    from vlp.config import ConfigError
+    from vlp.tasks.retrieval import OBJECTIVES, objective_for
+
+    path = "experiments/finetune/retrieval_tcl_tiny.yaml"
+    assert objective_for(config_lib.load(path)) == OBJECTIVES["tcl"]
+    chosen = objective_for(config_lib.load(path, ["finetune.retrieval.loss=hinge", "finetune.retrieval.margin=0.5"]))
+    assert (chosen.loss, chosen.margin, chosen.itm_negatives, chosen.candidates) == ("hinge", 0.5, "local-hard", 7)
+    mvptr = objective_for(config_lib.load("experiments/finetune/retrieval_mvptr_tiny.yaml",
+                                          ["finetune.retrieval.itm_negatives=local-hard"]))
+    assert (mvptr.loss, mvptr.itm_negatives) == ("itc_itm", "local-hard")
+    with pytest.raises(ConfigError, match=r"finetune.retrieval: .*itm_negatives must be one of local-hard, hardest, "
+                                          r"got 'hard'"):
+        objective_for(config_lib.load(path, ["finetune.retrieval.itm_negatives=hard"]))
+    with pytest.raises(ConfigError, match=r"finetune.retrieval: .*need 1 <= hard_negatives \(9\) <= candidates \(7\)"):
+        objective_for(config_lib.load(path, ["finetune.retrieval.hard_negatives=9"]))

@@ -179,6 +179,18 @@ class EvalConfig:
 
 
 @dataclass
+class RetrievalObjectiveConfig:
+    """``finetune.retrieval``: the retrieval fine-tuning objective (``vlp.tasks.retrieval``). Every field left null
+    takes the model's paper default, so an ablation names only what it changes (``finetune.retrieval.loss=hinge``)."""
+
+    loss: Optional[str] = None  # itc_itm | hinge
+    itm_negatives: Optional[str] = None  # itc_itm: local-hard (sampled from the similarities) | hardest (argmax)
+    margin: Optional[float] = None  # hinge
+    candidates: Optional[int] = None  # hinge: negatives drawn per anchor and direction, scored without gradient
+    hard_negatives: Optional[int] = None  # hinge: the best-scored candidates trained on, per anchor and direction
+
+
+@dataclass
 class FinetuneConfig:
     """``vlp finetune``: the downstream task named by ``data.task`` (vqa), started from the pre-trained checkpoint
     given as the top-level ``ckpt``; the final evaluation runs on ``data.<eval.split>``."""
@@ -186,6 +198,7 @@ class FinetuneConfig:
     from_scratch: bool = False  # allow no ckpt: train from random initialisation (a baseline), with a warning
     strict: bool = True  # ckpt must hold every weight of the model except the new task head (false: warn instead)
     predictions: bool = True  # write <run>/<task>_<split>_predictions.json ([{question_id, answer}], eval.ai format)
+    retrieval: RetrievalObjectiveConfig = field(default_factory=RetrievalObjectiveConfig)  # data.task: retrieval
 
 
 @dataclass

@@ -88,6 +88,7 @@ def retrieval_scores(
     dedup: bool = True,
     sim: torch.Tensor | None = None,
     group=None,
+    on_total: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score matrices for retrieval: ``(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])``.
 
@@ -113,6 +114,8 @@ def retrieval_scores(
         dedup: score each (image, text) pair once even when it is a candidate in both directions (saves up to half
             the scorer calls; the official code scores it twice with the same result).
         group: process group for the row split and ``all_reduce``.
+        on_total: called once, before scoring, with the number of pairs this rank will pass to ``score_pairs``
+            (a progress bar's total).
 
     Returns:
         ``score_i2t`` [N_img, N_txt] (rank texts for each image along dim 1) and ``score_t2i`` [N_txt, N_img],
@@ -165,8 +168,12 @@ def retrieval_scores(
     if dedup:
         keys = torch.cat([i2t_img * n_txt + i2t_txt, t2i_img * n_txt + t2i_txt])
         uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        if on_total is not None:
+            on_total(uniq.numel())
         s = _score_in_chunks(score_pairs, uniq // n_txt, uniq % n_txt, chunk, dev)[inverse]
     else:
+        if on_total is not None:
+            on_total(i2t_img.numel() + t2i_img.numel())
         s = torch.cat([_score_in_chunks(score_pairs, i2t_img, i2t_txt, chunk, dev),
                        _score_in_chunks(score_pairs, t2i_img, t2i_txt, chunk, dev)])
     if s.numel() and bool((s <= fill_value).any()):

@@ -75,19 +75,20 @@ def resolve_protocol(model, first_stage: str | None = None, combine: str | None 
     return protocol
 
 
-def _progress_scorer(score_pairs, total: int | None, enabled: bool):
+def _progress_scorer(score_pairs, enabled: bool):
+    """``score_pairs`` counting its pairs on a bar whose total ``retrieval_scores`` announces (so it has an ETA)."""
     if not enabled:
-        return score_pairs, None
+        return score_pairs, None, None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="ITM pairs", unit="pair", unit_scale=True, leave=False)
+    bar = tqdm(desc="ITM pairs", unit="pair", unit_scale=True, leave=False)
 
     def scored(i, t):
         out = score_pairs(i, t)
         bar.update(int(i.numel()))
         return out
 
-    return scored, bar
+    return scored, bar, bar.reset
 
 
 def evaluate_retrieval(model, visual_batches, text: Text, txt2img, img2txt, *, protocol: RetrievalProtocol,
@@ -111,16 +112,17 @@ def evaluate_retrieval(model, visual_batches, text: Text, txt2img, img2txt, *, p
         n_img, n_txt = len(img2txt), len(txt2img)
         with torch.no_grad():
             if protocol.first_stage == "all_pairs":
-                scorer, bar = _progress_scorer(score_pairs, n_img * n_txt, progress)
+                scorer, bar, on_total = _progress_scorer(score_pairs, progress)
                 s_i2t, s_t2i = retrieval_scores(sim=torch.zeros(n_img, n_txt, device=images.states.device),
-                                                score_pairs=scorer, k=None, chunk=batch_size,
+                                                score_pairs=scorer, k=None, chunk=batch_size, on_total=on_total,
                                                 combine="max" if protocol.combine == "max" else "separate")
             elif protocol.combine == "itc":
                 s_i2t, s_t2i = retrieval_scores(images.embedding, texts.embedding, rerank=False)
                 bar = None
             else:
-                scorer, bar = _progress_scorer(score_pairs, None, progress)
+                scorer, bar, on_total = _progress_scorer(score_pairs, progress)
                 s_i2t, s_t2i = retrieval_scores(images.embedding, texts.embedding, scorer, k=k, chunk=batch_size,
+                                                on_total=on_total,
                                                 combine="max" if protocol.combine == "max" else "separate")
             if bar is not None:
                 bar.close()

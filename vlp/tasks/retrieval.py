@@ -3,7 +3,8 @@
 objective, on ``data.task: retrieval`` batches (image + caption pairs, nothing masked), then evaluates with the
 model's own retrieval protocol (``vlp.eval.run.evaluate_retrieval_run``) into the run's results.json.
 
-Objectives (``RetrievalObjective``; each model's paper default in ``OBJECTIVES``), built from the shared losses:
+Objectives (``RetrievalObjective``; each model's paper default in ``OBJECTIVES``, changed field by field by the
+config's ``finetune.retrieval``), built from the shared losses:
 
 * ``itc_itm`` (TCL/ALBEF ``model_retrieval.py``, BridgeTower ``irtr_itm_itc``, MVPTR ``BiImageBertForRetrieval``):
   ``itc = (i2t + t2i) / 2``, InfoNCE of the contrastive embeddings at the model's temperature with every caption of
@@ -230,12 +231,16 @@ class RetrievalTask(L.LightningModule):
 
 # -- what `vlp finetune` calls (vlp.tasks protocol) -------------------------------------------------------------------
 def objective_for(cfg) -> RetrievalObjective:
-    """The model's paper objective (``OBJECTIVES``)."""
+    """The model's paper objective (``OBJECTIVES``) with the fields ``finetune.retrieval`` sets."""
     if cfg.model is None:
         raise ConfigError("the experiment has no 'model' section")
     if cfg.model.name not in OBJECTIVES:
         raise ConfigError(f"model {cfg.model.name!r} has no retrieval objective; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[cfg.model.name]
+    chosen = {k: v for k, v in dataclasses.asdict(cfg.finetune.retrieval).items() if v is not None}
+    try:
+        return dataclasses.replace(OBJECTIVES[cfg.model.name], **chosen)
+    except ValueError as e:
+        raise ConfigError(f"finetune.retrieval: {e}") from None
 
 
 def prepare(cfg, dm):
