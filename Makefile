@@ -186,9 +186,6 @@ data-%: setup  ## Run a recipe: make data-coco RAW=/raw/coco OUT=/shards/coco
 	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make data-$* RAW=... OUT=..."; exit 2; }
 	$(BIN)/python -m data_recipes.$* --root $(RAW) --out $(OUT) $(ARGS)
 
-# Base models in bf16 only where the CPU has bf16 units (`make bench BENCH_BASE_PRECISION="fp32 bf16"`): without
-# them autocast is ~10x slower than fp32 (the tiny rows show it), minutes per base step.
-BENCH_BASE_PRECISION ?= fp32
 bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; JSON in benchmarks/results/): data path, train step of all four models (tiny/base, fp32/bf16), retrieval cost vs N, BridgeTower vs transformers
 	$(BIN)/python benchmarks/tcl_step.py
 	$(BIN)/python benchmarks/data_pipeline.py
@@ -196,9 +193,7 @@ bench: setup $(SHAPES_SHARDS)/.done  ## Benchmarks (ratios measured in one run; 
 	$(BIN)/python benchmarks/bridgetower_vs_transformers.py --image-size 224 --text-len 40 --batch 8 \
 		--out benchmarks/results/bridgetower_vs_transformers_224px.json
 	$(BIN)/python benchmarks/worker_start.py
-	$(BIN)/python benchmarks/train_step.py --sizes tiny --precision fp32 bf16
-	$(BIN)/python benchmarks/train_step.py --sizes base --precision $(BENCH_BASE_PRECISION) --steps 2 \
-		--out benchmarks/results/train_step_base.json
+	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/retrieval_cost.py
 
 # `make compare RUNS="runs/tcl-tiny runs/albef-tiny" NAME=tcl-vs-albef` -> reports/tcl-vs-albef/compare.md + plots

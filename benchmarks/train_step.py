@@ -185,6 +185,13 @@ def _reset_peak_memory(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
+    gc.collect()
+    try:  # glibc keeps freed heap mapped: hand it back first, or the last model's memory stays in this one's peak
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
